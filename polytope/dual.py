@@ -1,0 +1,386 @@
+"""The dual network of Theorem 1 and the layer bounds of Algorithm 1.
+
+Notation follows the paper.  For an objective ``c`` on the output ``zhat_k`` the dual
+network (eq. 7) runs backwards::
+
+    nu_k = -c,    nu_hat_i = W_i^T nu_{i+1},    nu_i = d_i [nu_hat_i]_+ - a_i [nu_hat_i]_-
+
+with ``d = u/(u-l)`` the slope of the upper line of the ReLU relaxation on the unstable set
+``I`` (1 on ``I+``, 0 on ``I-``) and ``a`` the slope of its lower line (the paper's ``alpha``;
+the paper fixes ``alpha = d``, eq. 8).  The bound is (eq. 6)::
+
+    J(c) = -sum_i nu_{i+1}^T b_i + min_{x' in S(x)} (-nu_hat_1)^T x' + sum_{i, j in I_i} l_ij [nu_ij]_+
+
+and ``J(c) <= min_{x' in S(x)} c^T f(x')`` for *any* slopes ``a`` in ``[0, 1]``.
+
+Bounds ``(l_i, u_i)`` on every ReLU layer come layer by layer from ``J(+-e_j)`` (section 3.3),
+in one of two contraction orders that give the same numbers:
+
+* **forward** (Algorithm 1): push the input identity, and one column per unstable unit of the
+  earlier layers, forward through the relaxed network; cost grows with the input size plus the
+  number of unstable units.  Only for ``alpha = d`` (the dual is then linear in ``c``).
+* **backward**: run the dual network from ``c = I`` over the layer's units; cost grows with the
+  layer's width.  Works for any slopes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+from polytope.errors import InvalidInputError, ShapeMismatchError
+from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
+from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+
+Slopes = Literal["fixed", "adaptive", "optimized"]
+Order = Literal["auto", "forward", "backward"]
+
+
+class IndexSets(NamedTuple):
+    """The paper's ``I-`` (``u <= 0``), ``I+`` (``l >= 0``) and ``I`` (``l < 0 < u``) masks."""
+
+    negative: torch.Tensor
+    positive: torch.Tensor
+    unstable: torch.Tensor
+
+
+def index_sets(lower: torch.Tensor, upper: torch.Tensor) -> IndexSets:
+    """Split the units of a layer by the sign of their bounds (section 3.2)."""
+    negative = upper <= 0
+    positive = (lower >= 0) & ~negative
+    return IndexSets(negative, positive, ~negative & ~positive)
+
+
+@dataclass(frozen=True, eq=False)
+class Relaxation:
+    """The convex ReLU relaxation of one layer given its pre-activation bounds.
+
+    ``upper_slope`` is eq. (10)'s ``D``: 0 on ``I-``, 1 on ``I+``, ``u/(u-l)`` on ``I``.
+    ``lower_unstable`` is ``l`` on ``I`` and 0 elsewhere (the last term of eq. 6).
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    sets: IndexSets
+    upper_slope: torch.Tensor
+    lower_unstable: torch.Tensor
+
+    @classmethod
+    def from_bounds(cls, lower: torch.Tensor, upper: torch.Tensor) -> Relaxation:
+        sets = index_sets(lower, upper)
+        width = torch.where(sets.unstable, upper - lower, torch.ones_like(upper))
+        d = torch.where(sets.unstable, upper / width, sets.positive.to(upper.dtype))
+        return cls(lower, upper, sets, d, torch.where(sets.unstable, lower, torch.zeros_like(lower)))
+
+    def lower_slope(self, alpha: torch.Tensor | None) -> torch.Tensor:
+        """Slopes of the lower line: ``alpha`` on ``I`` (default ``d``, eq. 8), ``d`` elsewhere."""
+        if alpha is None:
+            return self.upper_slope
+        if alpha.dim() == self.upper_slope.dim() + 1:
+            return torch.where(self.sets.unstable.unsqueeze(1), alpha, self.upper_slope.unsqueeze(1))
+        return torch.where(self.sets.unstable, alpha, self.upper_slope)
+
+    def adaptive_slope(self) -> torch.Tensor:
+        """CROWN's adaptive lower slope: 1 where ``u >= -l``, else 0 (on ``I``)."""
+        return (self.upper >= -self.lower).to(self.upper.dtype)
+
+
+class DualTerms(NamedTuple):
+    """The pieces of ``J`` (eq. 6) from one backward pass for objectives ``c: (B, m, ...)``.
+
+    ``bias`` is ``sum_i nu_{i+1}^T b_i``, ``relu`` is ``sum l_ij [nu_ij]_+`` and ``relu_neg``
+    is ``sum l_ij [-nu_ij]_+`` (only for linear passes: then ``J(-c)`` needs no second pass).
+    """
+
+    nu_hat_1: torch.Tensor
+    bias: torch.Tensor
+    relu: torch.Tensor
+    relu_neg: torch.Tensor | None
+
+
+def _apply_batched(fn, t: torch.Tensor, lead: int) -> torch.Tensor:
+    """Apply a batched operator to ``t: (B, m, *shape)`` by folding ``(B, m)`` into one dimension."""
+    out = fn(t.flatten(0, lead - 1))
+    return out.reshape(*t.shape[:lead], *out.shape[1:])
+
+
+def _layer_cost(layer: AffineLayer, in_shape: Shape) -> int:
+    """Multiply-adds for pushing one column through a layer (or its transpose)."""
+    shapes = layer.shapes(in_shape)
+    cost = 0
+    for op, s_in, s_out in zip(layer.ops, shapes[:-1], shapes[1:], strict=True):
+        if isinstance(op, LinearOp):
+            cost += numel(s_in) * numel(s_out)
+        elif isinstance(op, Conv2dOp):
+            k = op.module.kernel_size
+            cost += numel(s_out) * s_in[0] * k[0] * k[1]
+        else:
+            cost += numel(s_out)
+    return cost
+
+
+class DualNetwork:
+    """Algorithm 1's bounds and Theorem 1's objective for a batch ``x: (B, *in_shape)``.
+
+    ``slopes`` picks the lower line of every unstable ReLU, intermediate layers included:
+    ``"fixed"`` (the paper's ``alpha = u/(u-l)``, eq. 8) or ``"adaptive"`` (1 where
+    ``u >= -l``, else 0).  ``order`` picks the contraction order of the bound computation;
+    ``"auto"`` takes the cheaper one per layer (forward is only available for fixed slopes).
+    """
+
+    def __init__(
+        self,
+        net: Network,
+        x: torch.Tensor,
+        input_set: InputSet,
+        slopes: Slopes = "fixed",
+        order: Order = "auto",
+    ) -> None:
+        if slopes not in ("fixed", "adaptive"):
+            raise ValueError(
+                f"slopes must be 'fixed' or 'adaptive' here, got {slopes!r}; "
+                "use polytope.optimize_slopes for optimised slopes"
+            )
+        if order not in ("auto", "forward", "backward"):
+            raise ValueError(f"order must be 'auto', 'forward' or 'backward', got {order!r}")
+        if order == "forward" and slopes != "fixed":
+            raise ValueError("the forward order (Algorithm 1) needs fixed slopes alpha = u/(u-l)")
+        self.net = net
+        self.x = x
+        self.input_set = input_set
+        self.slopes = slopes
+        self.shapes = net.check_input(x)
+        self.eps = input_set.validate(x)
+        self.biases = [layer.bias(s, x) for layer, s in zip(net.layers, self.shapes[:-1], strict=True)]
+        self.relaxations: list[Relaxation] = []
+        self.orders: list[str] = []
+        self._compute_bounds(order)
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def bounds(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(lower, upper)`` of every ReLU layer's pre-activation, each ``(B, *layer_shape)``."""
+        return [(r.lower, r.upper) for r in self.relaxations]
+
+    def index_sets(self, layer: int) -> IndexSets:
+        """``I-``, ``I+`` and ``I`` of ReLU layer ``layer`` (0-based), as boolean masks."""
+        return self.relaxations[layer].sets
+
+    def default_alpha(self) -> list[torch.Tensor]:
+        """The lower slopes this network's mode uses in every ReLU layer."""
+        return [self._mode_slope(r) for r in self.relaxations]
+
+    def objective(self, c: torch.Tensor, alpha: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Theorem 1's ``J(c, alpha)``: a lower bound on ``min_{x' in S(x)} c^T f(x')``.
+
+        ``c: (B, m, n_out)`` (or ``(m, n_out)``, shared by the batch); ``alpha`` one tensor per
+        ReLU layer in ``[0, 1]``, shaped ``(B, *layer_shape)`` or ``(B, m, *layer_shape)``;
+        ``None`` takes the network's slope mode.  Returns ``(B, m)``.
+        """
+        c = self._check_objective(c)
+        if alpha is None:
+            slopes = None if self.slopes == "fixed" else self.default_alpha()
+        else:
+            slopes = self._check_alpha(alpha, c.shape[1])
+        terms = self._backward(c, len(self.net.layers), slopes)
+        return self._value(terms)
+
+    def output_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elementwise bounds on the output ``zhat_k`` from ``J(+-e_j)``."""
+        return self._bounds_backward(len(self.net.layers) - 1)
+
+    # -- the dual network -------------------------------------------------------------------
+    def _mode_slope(self, r: Relaxation) -> torch.Tensor:
+        if self.slopes == "adaptive":
+            return r.lower_slope(r.adaptive_slope())
+        return r.upper_slope
+
+    def _check_objective(self, c: torch.Tensor) -> torch.Tensor:
+        n_out = self.shapes[-1][0]
+        if c.dim() == 2:
+            c = c.unsqueeze(0).expand(self.x.shape[0], *c.shape)
+        if c.dim() != 3 or c.shape[0] != self.x.shape[0] or c.shape[2] != n_out:
+            raise ShapeMismatchError(
+                f"c must be (B={self.x.shape[0]}, m, n_out={n_out}) or (m, {n_out}), got {tuple(c.shape)}"
+            )
+        if c.dtype != self.x.dtype or c.device != self.x.device:
+            c = c.to(dtype=self.x.dtype, device=self.x.device)
+        return c
+
+    def _check_alpha(self, alpha: list[torch.Tensor], m: int) -> list[torch.Tensor]:
+        if len(alpha) != len(self.relaxations):
+            raise ShapeMismatchError(f"alpha needs {len(self.relaxations)} tensors, got {len(alpha)}")
+        out = []
+        for i, (a, r) in enumerate(zip(alpha, self.relaxations, strict=True)):
+            shape = tuple(r.lower.shape)
+            if tuple(a.shape) not in (shape, (shape[0], m, *shape[1:])):
+                raise ShapeMismatchError(f"alpha[{i}] must be {shape} or (B, m, ...), got {tuple(a.shape)}")
+            if not torch.isfinite(a).all() or (a < 0).any() or (a > 1).any():
+                raise InvalidInputError(f"alpha[{i}] must lie in [0, 1]")
+            out.append(r.lower_slope(a.to(self.x.dtype)))
+        return out
+
+    def _backward(self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None) -> DualTerms:
+        """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear."""
+        nu = -c
+        bias = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
+        relu = torch.zeros_like(bias)
+        relu_neg = torch.zeros_like(bias) if slopes is None else None
+        for i in range(depth - 1, -1, -1):
+            layer, in_shape = self.net.layers[i], self.shapes[i]
+            bias = bias + (nu.flatten(2) * self.biases[i].flatten()).sum(2)
+            nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
+            if i == 0:
+                return DualTerms(nu_hat, bias, relu, relu_neg)
+            r = self.relaxations[i - 1]
+            d = r.upper_slope.unsqueeze(1)
+            if slopes is None:
+                nu = d * nu_hat
+            else:
+                a = slopes[i - 1]
+                a = a if a.dim() == nu_hat.dim() else a.unsqueeze(1)
+                nu = torch.where(nu_hat >= 0, d, a) * nu_hat
+            lower = r.lower_unstable.unsqueeze(1)
+            relu = relu + (lower * nu.clamp_min(0)).flatten(2).sum(2)
+            if relu_neg is not None:
+                relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(2).sum(2)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _value(self, terms: DualTerms, sign: float = 1.0) -> torch.Tensor:
+        """``J(sign * c)``; ``sign = -1`` reuses a linear pass (``nu`` flips sign)."""
+        relu = terms.relu if sign > 0 else terms.relu_neg
+        return -sign * terms.bias + self.input_set.min_linear(self.x, -sign * terms.nu_hat_1) + relu
+
+    # -- Algorithm 1: layer bounds ---------------------------------------------------------
+    def _compute_bounds(self, order: Order) -> None:
+        forward_state: _ForwardState | None = None
+        for i in range(len(self.net.layers) - 1):
+            if i == 0 and self._first_layer_is_interval():
+                lower, upper = self._first_layer_interval()
+                self.orders.append("interval")
+            else:
+                use_forward = order == "forward" or (
+                    order == "auto" and self.slopes == "fixed" and self._forward_is_cheaper(i, forward_state)
+                )
+                if use_forward:
+                    forward_state = self._advance(forward_state, i)
+                    lower, upper = forward_state.bounds(self.x, self.input_set)
+                    self.orders.append("forward")
+                else:
+                    lower, upper = self._bounds_backward(i)
+                    self.orders.append("backward")
+            self.relaxations.append(Relaxation.from_bounds(lower, upper))
+
+    def _bounds_backward(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds on ``zhat`` after layer ``i`` from the dual network started at ``c = +-I``."""
+        shape = self.shapes[i + 1]
+        n, batch = numel(shape), self.x.shape[0]
+        eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device).reshape(n, *shape)
+        if self.slopes == "fixed":
+            terms = self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None)
+            lower, upper = self._value(terms), -self._value(terms, sign=-1.0)
+        else:
+            c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
+            j = self._value(self._backward(c, i + 1, self.default_alpha()[:i]))
+            lower, upper = j[:, :n], -j[:, n:]
+        return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+
+    def _first_layer_is_interval(self) -> bool:
+        ops = [op for op in self.net.layers[0].ops if isinstance(op, LinearOp | Conv2dOp)]
+        return len(ops) == 1 and isinstance(self.input_set, LinfBall | BoxedLinfBall)
+
+    def _first_layer_interval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact bounds of ``W_1 x' + b_1`` over a box: ``W m + b +- |W| r``."""
+        lo, hi = self.input_set.box(self.x)
+        layer = self.net.layers[0]
+        centre = layer.forward((lo + hi) / 2)
+        radius = layer.abs_linear((hi - lo) / 2)
+        return centre - radius, centre + radius
+
+    def _forward_is_cheaper(self, i: int, state: _ForwardState | None) -> bool:
+        start = 0 if state is None else state.depth
+        n_cols = numel(self.shapes[0]) + sum(
+            int(r.sets.unstable.flatten(1).sum(1).max()) for r in self.relaxations
+        )
+        forward = n_cols * sum(_layer_cost(self.net.layers[j], self.shapes[j]) for j in range(start, i + 1))
+        backward = numel(self.shapes[i + 1]) * sum(
+            _layer_cost(self.net.layers[j], self.shapes[j]) for j in range(i + 1)
+        )
+        return forward < backward
+
+    def _advance(self, state: _ForwardState | None, i: int) -> _ForwardState:
+        if state is None:
+            state = _ForwardState.start(self.net.layers[0], self.shapes[0], self.biases[0], self.x)
+        while state.depth <= i:
+            j = state.depth
+            state = state.push(self.relaxations[j - 1], self.net.layers[j], self.biases[j])
+        return state
+
+
+@dataclass(frozen=True, eq=False)
+class _ForwardState:
+    """Algorithm 1's running terms at ``zhat_{depth+1}`` (the output of layer ``depth - 1``).
+
+    The relaxed network with ``alpha = d`` is affine in the input ``x'`` and in one offset
+    ``t_j in [0, -d_j l_j]`` per unstable unit (``z_j = d_j zhat_j + t_j``), so
+    ``zhat = A^T x' + sum_j M_j t_j + const``.  ``inputs`` is ``A`` (``(B or 1, n_in, *shape)``),
+    ``offsets`` one ``(columns, widths)`` pair per earlier ReLU layer, ``const`` the pushed biases.
+    """
+
+    depth: int
+    inputs: torch.Tensor
+    offsets: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    const: torch.Tensor
+
+    @classmethod
+    def start(cls, layer: AffineLayer, in_shape: Shape, bias: torch.Tensor, x: torch.Tensor) -> _ForwardState:
+        n_in = numel(in_shape)
+        eye = torch.eye(n_in, dtype=x.dtype, device=x.device).reshape(n_in, *in_shape)
+        return cls(1, layer.linear(eye).unsqueeze(0), (), bias.unsqueeze(0).expand(x.shape[0], *bias.shape))
+
+    def push(self, relax: Relaxation, layer: AffineLayer, bias: torch.Tensor) -> _ForwardState:
+        """Apply ``D`` (eq. 10) and the next layer ``W`` to every term; open columns for ``I``."""
+        d = relax.upper_slope
+
+        def through(t: torch.Tensor) -> torch.Tensor:
+            return _apply_batched(layer.linear, d.unsqueeze(1) * t, 2)
+
+        inputs = through(self.inputs.expand(d.shape[0], *self.inputs.shape[1:]))
+        offsets = tuple((through(cols), widths) for cols, widths in self.offsets)
+        columns, widths = _unstable_columns(relax)
+        offsets += ((_apply_batched(layer.linear, columns, 2), widths),)
+        const = layer.linear(d * self.const) + bias
+        return _ForwardState(self.depth + 1, inputs, offsets, const)
+
+    def bounds(self, x: torch.Tensor, input_set: InputSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """``l = const + min_x' A^T x' + sum_j w_j min(M_j, 0)`` and the matching ``u``."""
+        batch, shape = x.shape[0], self.const.shape[1:]
+        g = self.inputs.expand(batch, *self.inputs.shape[1:]).flatten(2).transpose(1, 2)
+        g = g.reshape(batch, -1, *x.shape[1:])
+        lower = self.const.flatten(1) + input_set.min_linear(x, g)
+        upper = self.const.flatten(1) - input_set.min_linear(x, -g)
+        for columns, widths in self.offsets:
+            m = columns.flatten(2)
+            w = widths.unsqueeze(2)
+            lower = lower + (w * m.clamp(max=0)).sum(1)
+            upper = upper + (w * m.clamp(min=0)).sum(1)
+        return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+
+
+def _unstable_columns(relax: Relaxation) -> tuple[torch.Tensor, torch.Tensor]:
+    """One basis column per unstable unit, padded to the batch's largest ``|I|``.
+
+    Returns ``(columns: (B, K, *shape), widths: (B, K))`` with ``widths = -d l`` (0 for padding).
+    """
+    mask = relax.sets.unstable.flatten(1)
+    batch, n = mask.shape
+    k = int(mask.sum(1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    valid = torch.gather(mask, 1, order)
+    w_all = (-relax.upper_slope * relax.lower_unstable).flatten(1)
+    widths = torch.where(valid, torch.gather(w_all, 1, order), torch.zeros((), dtype=w_all.dtype))
+    columns = torch.zeros(batch, k, n, dtype=w_all.dtype, device=w_all.device)
+    columns.scatter_(2, order.unsqueeze(2), valid.unsqueeze(2).to(w_all.dtype))
+    return columns.reshape(batch, k, *relax.lower.shape[1:]), widths

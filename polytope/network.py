@@ -1,0 +1,347 @@
+"""A ReLU network as a validated chain of affine layers and ReLUs.
+
+The paper's network (eq. 1) is ``zhat_{i+1} = W_i z_i + b_i`` for ``i = 1..k-1`` with
+``z_i = ReLU(zhat_i)`` for ``i = 2..k-1`` and output ``f(x) = zhat_k``.  Here every
+``W_i`` is an :class:`AffineLayer`: one or more primitive operators (Linear, Conv2d,
+Flatten, eval-mode BatchNorm) applied *as operators* -- a convolution stays a
+convolution, its transpose is ``conv_transpose2d`` -- never as a dense matrix.
+
+The operators hold references to the torch modules' parameters, so gradients flow to
+the model through everything computed from a :class:`Network` (robust training needs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polytope.errors import ModelModeError, ShapeMismatchError, UnsupportedLayerError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class LinearOp:
+    """``y = W x + b`` on the last dimension; transpose ``x = W^T y``."""
+
+    module: nn.Linear
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if in_shape != (self.module.in_features,):
+            raise ShapeMismatchError(
+                f"Linear layer expects inputs of shape ({self.module.in_features},), got {in_shape}"
+            )
+        return (self.module.out_features,)
+
+    def apply(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return F.linear(x, self.module.weight, self.module.bias if bias else None)
+
+    def transpose(self, y: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        return y @ self.module.weight
+
+    def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """``|W| x``: the radius of an interval pushed through the layer."""
+        return F.linear(x, self.module.weight.abs())
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2dOp:
+    """A 2-D convolution (any stride and padding, bias optional) and its adjoint."""
+
+    module: nn.Conv2d
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        m = self.module
+        if len(in_shape) != 3 or in_shape[0] != m.in_channels:
+            raise ShapeMismatchError(
+                f"Conv2d expects inputs of shape ({m.in_channels}, H, W), got {in_shape}"
+            )
+        sizes = []
+        for n, k, s, p in zip(in_shape[1:], m.kernel_size, m.stride, m.padding, strict=True):
+            o = (n + 2 * p - k) // s + 1
+            if o < 1:
+                raise ShapeMismatchError(f"Conv2d kernel {m.kernel_size} does not fit input {in_shape}")
+            sizes.append(o)
+        return (m.out_channels, *sizes)
+
+    def apply(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        m = self.module
+        return F.conv2d(x, m.weight, m.bias if bias else None, m.stride, m.padding)
+
+    def transpose(self, y: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        m = self.module
+        out_hw = y.shape[-2:]
+        output_padding = tuple(
+            n - ((o - 1) * s - 2 * p + k)
+            for n, o, s, p, k in zip(in_shape[1:], out_hw, m.stride, m.padding, m.kernel_size, strict=True)
+        )
+        return F.conv_transpose2d(y, m.weight, None, m.stride, m.padding, output_padding)
+
+    def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return F.conv2d(x, m.weight.abs(), None, m.stride, m.padding)
+
+
+@dataclass(frozen=True, eq=False)
+class FlattenOp:
+    """Reshape ``(C, H, W)`` to ``(C*H*W,)``; its transpose reshapes back."""
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        n = 1
+        for s in in_shape:
+            n *= s
+        return (n,)
+
+    def apply(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return x.flatten(1)
+
+    def transpose(self, y: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        return y.reshape(y.shape[0], *in_shape)
+
+    def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormOp:
+    """An eval-mode batch norm: the per-channel affine map ``y = s x + t`` of its running statistics."""
+
+    module: nn.modules.batchnorm._BatchNorm
+
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.module
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        return scale, shift
+
+    def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return t.reshape(-1, *([1] * (ndim - 2)))
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if in_shape[0] != self.module.num_features:
+            raise ShapeMismatchError(
+                f"BatchNorm expects {self.module.num_features} channels, got input shape {in_shape}"
+            )
+        return in_shape
+
+    def apply(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        scale, shift = self._scale_shift()
+        y = x * self._view(scale, x.dim())
+        return y + self._view(shift, x.dim()) if bias else y
+
+    def transpose(self, y: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        return self.apply(y, bias=False)
+
+    def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._view(self._scale_shift()[0].abs(), x.dim())
+
+
+Op = LinearOp | Conv2dOp | FlattenOp | BatchNormOp
+
+
+@dataclass(frozen=True, eq=False)
+class AffineLayer:
+    """``W_i z + b_i`` as a composition of primitive operators (paper eq. 1)."""
+
+    ops: tuple[Op, ...]
+
+    def shapes(self, in_shape: Shape) -> list[Shape]:
+        """Input shape of every op followed by the layer's output shape."""
+        shapes = [in_shape]
+        for op in self.ops:
+            shapes.append(op.out_shape(shapes[-1]))
+        return shapes
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``W z + b`` for a batch ``z: (N, *in_shape)``."""
+        for op in self.ops:
+            z = op.apply(z)
+        return z
+
+    def linear(self, z: torch.Tensor) -> torch.Tensor:
+        """``W z`` (no bias) for a batch ``z: (N, *in_shape)``."""
+        for op in self.ops:
+            z = op.apply(z, bias=False)
+        return z
+
+    def transpose(self, nu: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        """``W^T nu`` for ``nu: (N, *out_shape)`` -- one step of the dual network, eq. (7)."""
+        shapes = self.shapes(in_shape)
+        for op, shape in zip(reversed(self.ops), reversed(shapes[:-1]), strict=True):
+            nu = op.transpose(nu, shape)
+        return nu
+
+    def abs_linear(self, r: torch.Tensor) -> torch.Tensor:
+        """``|W| r`` for a nonnegative radius ``r`` (exact only for a single op; see interval bounds)."""
+        for op in self.ops:
+            r = op.apply_abs(r)
+        return r
+
+    def bias(self, in_shape: Shape, like: torch.Tensor) -> torch.Tensor:
+        """The offset ``b_i = W_i 0 + b_i`` of the composed layer, shaped ``(*out_shape)``."""
+        zero = torch.zeros((1, *in_shape), dtype=like.dtype, device=like.device)
+        return self.forward(zero)[0]
+
+
+def _flatten_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential):
+            for sub, grandchild in _flatten_modules(child):
+                yield f"{name}.{sub}", grandchild
+        else:
+            yield name, child
+
+
+def _check_conv(index: str, m: nn.Conv2d) -> None:
+    bad = []
+    if m.groups != 1:
+        bad.append(f"groups={m.groups}")
+    if tuple(m.dilation) != (1, 1):
+        bad.append(f"dilation={m.dilation}")
+    if isinstance(m.padding, str):
+        bad.append(f"padding={m.padding!r}")
+    if m.padding_mode != "zeros":
+        bad.append(f"padding_mode={m.padding_mode!r}")
+    if bad:
+        raise UnsupportedLayerError(
+            f"layer {index} (Conv2d) uses {', '.join(bad)}; only groups=1, dilation=1 and "
+            "integer zero padding are supported"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A ReLU network ``f(x) = W_{k-1} ReLU(... ReLU(W_1 x + b_1) ...) + b_{k-1}``.
+
+    ``layers[i]`` is the paper's ``W_{i+1}, b_{i+1}``; a ReLU sits between consecutive layers.
+    Build it with :meth:`from_torch`.
+    """
+
+    layers: tuple[AffineLayer, ...]
+    module: nn.Module
+
+    @classmethod
+    def from_torch(cls, model: nn.Module) -> Network:
+        """Validate and canonicalise an ``nn.Sequential`` of Linear, Conv2d, Flatten and ReLU.
+
+        Eval-mode ``Dropout`` is the identity and eval-mode ``BatchNorm`` an affine map; in
+        training mode both are refused. Anything else raises :class:`UnsupportedLayerError`
+        naming the layer's index and type. The first and last layers must be affine.
+        """
+        if not isinstance(model, nn.Sequential):
+            raise UnsupportedLayerError(
+                f"expected an nn.Sequential, got {type(model).__name__}; wrap the layers in nn.Sequential"
+            )
+        layers: list[list[Op]] = [[]]
+        for index, m in _flatten_modules(model):
+            kind = type(m).__name__
+            if isinstance(m, nn.Linear):
+                layers[-1].append(LinearOp(m))
+            elif isinstance(m, nn.Conv2d):
+                _check_conv(index, m)
+                layers[-1].append(Conv2dOp(m))
+            elif isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise UnsupportedLayerError(
+                        f"layer {index} (Flatten) must flatten all but the batch dimension"
+                    )
+                layers[-1].append(FlattenOp())
+            elif isinstance(m, nn.ReLU):
+                if not layers[-1]:
+                    raise UnsupportedLayerError(
+                        f"layer {index} (ReLU) is not preceded by an affine layer"
+                    )
+                layers.append([])
+            elif isinstance(m, nn.Dropout | nn.Identity):
+                if m.training and isinstance(m, nn.Dropout) and m.p > 0:
+                    raise ModelModeError(
+                        f"layer {index} ({kind}) is in training mode; call model.eval() first"
+                    )
+            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                if m.training or not m.track_running_stats:
+                    raise ModelModeError(
+                        f"layer {index} ({kind}) uses batch statistics (training mode); "
+                        "call model.eval() so its running statistics are used"
+                    )
+                layers[-1].append(BatchNormOp(m))
+            else:
+                raise UnsupportedLayerError(
+                    f"layer {index} ({kind}) is not supported: polytope bounds chains of "
+                    "Linear, Conv2d, Flatten and ReLU layers"
+                )
+        if not layers[-1]:
+            raise UnsupportedLayerError("the network must end with an affine layer, not a ReLU")
+        if not any(isinstance(op, LinearOp | Conv2dOp) for layer in layers for op in layer):
+            raise UnsupportedLayerError("the network has no Linear or Conv2d layer")
+        return cls(tuple(AffineLayer(tuple(ops)) for ops in layers), model)
+
+    @property
+    def n_relu(self) -> int:
+        """Number of ReLU layers (``k - 2`` in the paper)."""
+        return len(self.layers) - 1
+
+    def shapes(self, in_shape: Shape) -> list[Shape]:
+        """Shapes of ``z_1 = x`` and of every ``zhat_i``: ``[in, zhat_2, ..., zhat_k]``."""
+        return list(_shapes(self.layers, tuple(in_shape)))
+
+    def check_input(self, x: torch.Tensor) -> list[Shape]:
+        """Check that ``x: (B, *in_shape)`` fits the network; return the layer shapes."""
+        if x.dim() < 2:
+            raise ShapeMismatchError(f"expected a batch (B, *in_shape), got a tensor of shape {tuple(x.shape)}")
+        try:
+            shapes = self.shapes(tuple(x.shape[1:]))
+        except (ShapeMismatchError, RuntimeError) as exc:
+            raise ShapeMismatchError(f"input of shape {tuple(x.shape)} does not fit the network: {exc}") from exc
+        if len(shapes[-1]) != 1:
+            raise ShapeMismatchError(f"the network's output must be a vector, got shape {shapes[-1]}")
+        weight = next(self.module.parameters())
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise ShapeMismatchError(
+                f"input is {x.dtype} on {x.device} but the model is {weight.dtype} on {weight.device}"
+            )
+        return shapes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output ``f(x)`` through the canonical chain."""
+        z = x
+        for i, layer in enumerate(self.layers):
+            z = layer.forward(z if i == 0 else torch.relu(z))
+        return z
+
+    def pre_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[zhat_2, ..., zhat_k]`` at a batch of points ``x``."""
+        out = []
+        z = x
+        for i, layer in enumerate(self.layers):
+            z = layer.forward(z if i == 0 else torch.relu(z))
+            out.append(z)
+        return out
+
+    def parameters_like(self) -> torch.Tensor:
+        """One parameter, for reading the model's dtype and device."""
+        return next(self.module.parameters())
+
+
+@lru_cache(maxsize=256)
+def _shapes(layers: tuple[AffineLayer, ...], in_shape: Shape) -> tuple[Shape, ...]:
+    shapes = [in_shape]
+    for layer in layers:
+        shapes.append(layer.shapes(shapes[-1])[-1])
+    return tuple(shapes)
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Number of entries of a tensor of this shape."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,140 @@
+"""Robust loss (Theorem 2), certificates (Corollaries 1 and 2) and certified radii (eq. 17)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from polytope.dual import DualNetwork, Slopes
+from polytope.errors import InvalidInputError, ShapeMismatchError
+from polytope.network import Network
+from polytope.sets import InputSet
+
+
+def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``c = e_y 1^T - I`` as a batch of objectives ``(B, n, n)``: row ``j`` is ``e_y - e_j``.
+
+    ``c_j^T f = f_y - f_j``, so ``J_j >= 0`` for all ``j`` proves class ``y`` wins (eq. 15).
+    """
+    if y.dim() != 1:
+        raise ShapeMismatchError(f"labels must be a vector (B,), got shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise InvalidInputError(f"labels must lie in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]")
+    eye = torch.eye(n_classes, dtype=dtype, device=y.device)
+    return eye[y].unsqueeze(1) - eye.unsqueeze(0)
+
+
+def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    if y is not None:
+        if y.shape[0] != x.shape[0]:
+            raise ShapeMismatchError(f"{y.shape[0]} labels for a batch of {x.shape[0]} examples")
+        return y.to(x.device)
+    with torch.no_grad():
+        return net.forward(x).argmax(1)
+
+
+def margin_bounds(
+    net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
+) -> torch.Tensor:
+    """``J(x, g(e_y 1^T - I))``: ``(B, n)`` lower bounds on ``f_y - f_j`` over ``S(x)``; entry ``y`` is 0."""
+    dual = DualNetwork(net, x, input_set, slopes=slopes)
+    n = dual.shapes[-1][0]
+    return dual.objective(margin_objective(y, n, x.dtype))
+
+
+def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Corollary 1: certified when every ``J_j > 0`` for ``j != y`` (a tie is not certified)."""
+    others = margins.scatter(1, y.unsqueeze(1), torch.inf)
+    return (others > 0).all(1)
+
+
+def robust_loss(
+    net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Theorem 2: mean cross-entropy of ``-J`` and the robust error (fraction not certified)."""
+    y = _labels(net, x, y)
+    margins = margin_bounds(net, x, y, input_set, slopes)
+    loss = F.cross_entropy(-margins, y)
+    err = (~certified_by_margins(margins.detach(), y)).to(x.dtype).mean()
+    return loss, err
+
+
+def certify(
+    net: Network,
+    x: torch.Tensor,
+    input_set: InputSet,
+    y: torch.Tensor | None = None,
+    method: str = "dual",
+) -> torch.Tensor:
+    """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
+
+    ``method`` is ``"dual"`` (the paper's fixed slopes) or ``"adaptive"``.
+    """
+    slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive"}.get(method)
+    if slopes is None:
+        raise ValueError(f"unknown method {method!r}: use 'dual' or 'adaptive'")
+    y = _labels(net, x, y)
+    with torch.no_grad():
+        margins = margin_bounds(net, x, y, input_set, slopes)  # type: ignore[arg-type]
+    return certified_by_margins(margins, y)
+
+
+def worst_margin(
+    net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
+) -> torch.Tensor:
+    """``min_{j != y} J_j``: positive exactly when the example is certified, ``(B,)``."""
+    margins = margin_bounds(net, x, y, input_set, slopes)
+    return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
+
+
+def certified_radius(
+    net: Network,
+    x: torch.Tensor,
+    input_set: InputSet,
+    y: torch.Tensor | None = None,
+    eps_max: float = 1.0,
+    tol: float = 1e-4,
+    max_steps: int = 30,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (17): the largest ``eps`` with ``min_j J_eps(...)_j >= 0``, per example.
+
+    Safeguarded Newton on ``m(eps) = worst margin`` (monotone decreasing in ``eps``): each
+    step keeps a bracket ``[lo, hi]`` with ``m(lo) > 0 >= m(hi)`` and falls back to bisection
+    when Newton leaves it.  The returned radius is always a certified ``eps`` (``m > 0``
+    there, or 0).  ``input_set`` gives the norm; its ``eps`` is ignored.  Returns
+    ``(radius, steps)``; ``y`` defaults to the prediction (the paper's ``f(x)``).
+    """
+    y = _labels(net, x, y)
+    batch = x.shape[0]
+    dtype = x.dtype
+    lo = torch.zeros(batch, dtype=dtype, device=x.device)
+    hi = torch.full_like(lo, eps_max)
+
+    def margin_and_slope(eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = eps.detach().requires_grad_(True)
+        with torch.enable_grad():
+            m = worst_margin(net, x, y, replace(input_set, eps=eps))
+            (grad,) = torch.autograd.grad(m.sum(), eps, allow_unused=True)
+        return m.detach(), torch.zeros_like(eps) if grad is None else grad
+
+    m0, _ = margin_and_slope(lo)
+    m_hi, _ = margin_and_slope(hi)
+    done = (m0 <= 0) | (m_hi > 0)
+    lo = torch.where(m_hi > 0, hi, lo)
+    eps = torch.where(done, lo, torch.full_like(lo, min(0.01, eps_max / 2)))
+    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
+    for _ in range(max_steps):
+        if done.all():
+            break
+        m, slope = margin_and_slope(eps)
+        ok = m > 0
+        lo = torch.where(~done & ok, torch.maximum(lo, eps), lo)
+        hi = torch.where(~done & ~ok, torch.minimum(hi, eps), hi)
+        steps = steps + (~done).long()
+        newton = eps - m / torch.where(slope < 0, slope, torch.full_like(slope, -1e-12))
+        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        eps = torch.where(inside, newton, (lo + hi) / 2)
+        done = done | ((hi - lo) <= tol * hi.clamp_min(1e-12)) | (ok & (m < tol * 1e-3))
+    return lo, steps

@@ -1,0 +1,194 @@
+"""Input perturbation sets ``S(x)`` and the linear minimisation that the dual needs.
+
+Theorem 1's input term ``-x^T nu_hat_1 - eps ||nu_hat_1||_1`` is ``min_{x' in S(x)} g^T x'``
+with ``g = -nu_hat_1`` for the l_inf ball; other l_p balls swap in the dual norm (the remark
+after eq. 8), and a box-clipped l_inf ball is the box ``[max(x-eps, lo), min(x+eps, hi)]``.
+Every set implements :meth:`InputSet.min_linear` for that term, :meth:`InputSet.box` for a
+bounding box, plus sampling and projection for tests and attacks.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import torch
+
+from polytope.errors import InvalidEpsilonError, InvalidInputError
+
+
+def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """Raise :class:`InvalidInputError` if ``x`` holds NaN or inf."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise InvalidInputError(f"{name} holds NaN or inf values (batch rows {bad[:10]})")
+
+
+@dataclass(frozen=True)
+class InputSet(ABC):
+    """A norm ball around each example; ``eps`` is a float or one value per example."""
+
+    eps: float | torch.Tensor
+
+    kind = "abstract"
+
+    def radius(self, x: torch.Tensor) -> torch.Tensor:
+        """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated."""
+        eps = self.eps
+        if isinstance(eps, torch.Tensor):
+            e = eps.to(dtype=x.dtype, device=x.device).reshape(-1)
+            if e.numel() == 1:
+                e = e.expand(x.shape[0])
+            elif e.numel() != x.shape[0]:
+                raise InvalidEpsilonError(
+                    f"epsilon has {e.numel()} values but the batch has {x.shape[0]} examples"
+                )
+        else:
+            try:
+                value = float(eps)
+            except (TypeError, ValueError) as exc:
+                raise InvalidEpsilonError(f"epsilon must be a number, got {eps!r}") from exc
+            e = torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
+        if not torch.isfinite(e).all() or (e < 0).any():
+            raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
+        return e
+
+    def validate(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` (finite, batched) and ``eps``; return ``eps`` as ``(B,)``."""
+        if x.dim() < 2:
+            raise InvalidInputError(f"x must be batched (B, *in_shape), got shape {tuple(x.shape)}")
+        check_finite(x)
+        return self.radius(x)
+
+    @abstractmethod
+    def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``min_{x' in S(x)} <g, x'>`` for ``g: (B, m, *in_shape)``; returns ``(B, m)``."""
+
+    @abstractmethod
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A box ``[lo, hi]`` containing ``S(x)`` (equal to it for l_inf sets)."""
+
+    @abstractmethod
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Project ``x_adv`` onto ``S(x)`` (exact for l_inf sets and l2; l1 uses a sort)."""
+
+    def sample(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` points of ``S(x)`` per example, ``(B, n, *in_shape)``: a quarter are box corners."""
+        lo, hi = self.box(x)
+        shape = (x.shape[0], n, *x.shape[1:])
+        u = torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)
+        n_corner = n // 4
+        u[:, :n_corner] = u[:, :n_corner].round()
+        pts = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
+        centre = x.unsqueeze(1).expand(shape).flatten(0, 1)
+        repeated = replace(self, eps=self.radius(x).repeat_interleave(n))
+        return repeated.project(centre, pts.flatten(0, 1)).reshape(shape)
+
+
+class _CenteredBall(InputSet):
+    """An l_p ball ``{x' : ||x' - x||_p <= eps}``; ``min <g, x'> = <g, x> - eps ||g||_q``."""
+
+    q: float = math.inf
+
+    def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        eps = self.validate(x)
+        gf = g.flatten(2)
+        center = torch.einsum("bmn,bn->bm", gf, x.flatten(1))
+        return center - eps[:, None] * torch.linalg.vector_norm(gf, ord=self.q, dim=2)
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = _batch_view(self.validate(x), x.dim())
+        return x - r, x + r
+
+
+@dataclass(frozen=True)
+class LinfBall(_CenteredBall):
+    """The paper's set: ``||x' - x||_inf <= eps``; dual norm l_1."""
+
+    kind = "linf"
+    q = 1.0
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x)
+        return torch.minimum(torch.maximum(x_adv, lo), hi)
+
+
+@dataclass(frozen=True)
+class L2Ball(_CenteredBall):
+    """``||x' - x||_2 <= eps``; dual norm l_2."""
+
+    kind = "l2"
+    q = 2.0
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        eps = _batch_view(self.validate(x), x.dim())
+        d = x_adv - x
+        norm = _batch_view(d.flatten(1).norm(dim=1), x.dim()).clamp_min(1e-300)
+        return x + d * torch.clamp(eps / norm, max=1.0)
+
+
+@dataclass(frozen=True)
+class L1Ball(_CenteredBall):
+    """``||x' - x||_1 <= eps``; dual norm l_inf."""
+
+    kind = "l1"
+    q = math.inf
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection onto the l1 ball (sort-based, Duchi et al. 2008)."""
+        eps = self.validate(x)
+        d = (x_adv - x).flatten(1)
+        a = d.abs()
+        inside = a.sum(1) <= eps
+        s, _ = a.sort(dim=1, descending=True)
+        cs = s.cumsum(1) - eps[:, None]
+        k = torch.arange(1, d.shape[1] + 1, dtype=d.dtype, device=d.device)
+        rho = ((s - cs / k) > 0).sum(1).clamp_min(1)
+        theta = cs.gather(1, (rho - 1)[:, None]) / rho[:, None].to(d.dtype)
+        proj = torch.sign(d) * (a - theta).clamp_min(0)
+        proj = torch.where(inside[:, None], d, proj)
+        return x + proj.reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class BoxedLinfBall(InputSet):
+    """The l_inf ball intersected with the domain box ``[lo, hi]`` (pixels: ``[0, 1]``).
+
+    It is the box ``[max(x - eps, lo), min(x + eps, hi)]``; with centre ``m`` and radius ``r``,
+    ``min <g, x'> = <g, m> - <|g|, r>``.
+    """
+
+    lo: float = 0.0
+    hi: float = 1.0
+
+    kind = "linf-box"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)) or self.lo > self.hi:
+            raise InvalidInputError(f"the domain box needs finite lo <= hi, got [{self.lo}, {self.hi}]")
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = _batch_view(self.validate(x), x.dim())
+        lo = torch.clamp(x - r, min=self.lo)
+        hi = torch.clamp(x + r, max=self.hi)
+        if (lo > hi).any():
+            raise InvalidInputError(
+                f"x lies farther than epsilon outside the domain box [{self.lo}, {self.hi}]: the set is empty"
+            )
+        return lo, hi
+
+    def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x)
+        center = ((lo + hi) / 2).flatten(1)
+        radius = ((hi - lo) / 2).flatten(1)
+        gf = g.flatten(2)
+        return torch.einsum("bmn,bn->bm", gf, center) - torch.einsum("bmn,bn->bm", gf.abs(), radius)
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x)
+        return torch.minimum(torch.maximum(x_adv, lo), hi)
