@@ -243,7 +243,8 @@ def _load_svhn(split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {exc})") from exc
     for key in ("X", "y"):
         if key not in mat:
-            raise DatasetError(f"{path}: variable {key!r} missing (found {sorted(k for k in mat if k[0] != '_')})")
+            found = sorted(k for k in mat if not k.startswith("_"))
+            raise DatasetError(f"{path}: variable {key!r} missing (found {found})")
     images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3):
         raise DatasetError(f"{path}: X has shape {images.shape}, expected (32, 32, 3, N)")
@@ -458,10 +459,11 @@ def _download_any(resource: Resource, part: Path, downloader: Downloader) -> Non
     raise DatasetError(f"could not download {resource.filename}:\n" + "\n".join(errors))
 
 
-def fetch_resource(resource: Resource, dest_dir: Path, downloader: Downloader = download) -> Path:
+def fetch_resource(resource: Resource, dest_dir: Path, downloader: Downloader | None = None) -> Path:
     """Download one resource into ``dest_dir`` (unless a verified copy is there), check its
     checksums, and unpack it when it is an archive.  A failed download or checksum leaves
-    no partial file behind."""
+    no partial file behind.  ``downloader(url, dest)`` defaults to :func:`download`."""
+    downloader = downloader or download
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / resource.filename
     if not _resource_ok(target, resource):
@@ -479,13 +481,13 @@ def fetch_resource(resource: Resource, dest_dir: Path, downloader: Downloader = 
 
 
 def fetch_resources(
-    resources: Sequence[Resource], dest_dir: str | Path, downloader: Downloader = download
+    resources: Sequence[Resource], dest_dir: str | Path, downloader: Downloader | None = None
 ) -> list[Path]:
     """:func:`fetch_resource` for each resource; returns the installed files."""
     return [fetch_resource(r, Path(dest_dir), downloader) for r in resources]
 
 
-def fetch(name: str, data_dir: str | Path | None = None, downloader: Downloader = download) -> Path:
+def fetch(name: str, data_dir: str | Path | None = None, downloader: Downloader | None = None) -> Path:
     """Download dataset ``name`` into ``<data_dir>/<name>/``, verify it, and return that folder.
 
     Files already present with the right checksum are not downloaded again.  After
@@ -578,7 +580,7 @@ def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
             paths, count = _count_examples(name, split, root)
         except DatasetError as exc:
             info.present = False
-            info.problem = str(exc).splitlines()[0]
+            info.problem = str(exc)
             continue
         info.examples[split] = count
         info.files.extend((p, p.stat().st_size) for p in paths)

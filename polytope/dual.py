@@ -32,10 +32,11 @@ import torch
 
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
+from polytope.patches import PatchTerms, conv_prefix, patch_backward, patch_box_term
 from polytope.sets import BoxedLinfBall, InputSet, LinfBall
 
 Slopes = Literal["fixed", "adaptive", "optimized"]
-Order = Literal["auto", "forward", "backward"]
+Order = Literal["auto", "forward", "backward", "patches"]
 
 
 class IndexSets(NamedTuple):
@@ -143,8 +144,8 @@ class DualNetwork:
                 f"slopes must be 'fixed' or 'adaptive' here, got {slopes!r}; "
                 "use polytope.optimize_slopes for optimised slopes"
             )
-        if order not in ("auto", "forward", "backward"):
-            raise ValueError(f"order must be 'auto', 'forward' or 'backward', got {order!r}")
+        if order not in ("auto", "forward", "backward", "patches"):
+            raise ValueError(f"order must be 'auto', 'forward', 'backward' or 'patches', got {order!r}")
         if order == "forward" and slopes != "fixed":
             raise ValueError("the forward order (Algorithm 1) needs fixed slopes alpha = u/(u-l)")
         self.net = net
@@ -260,6 +261,9 @@ class DualNetwork:
             if i == 0 and self._first_layer_is_interval():
                 lower, upper = self._first_layer_interval()
                 self.orders.append("interval")
+            elif order in ("auto", "patches") and self._patches_apply(i):
+                lower, upper = self._bounds_patches(i)
+                self.orders.append("patches")
             else:
                 use_forward = order == "forward" or (
                     order == "auto" and self.slopes == "fixed" and self._forward_is_cheaper(i, forward_state)
@@ -285,6 +289,34 @@ class DualNetwork:
             c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
             j = self._value(self._backward(c, i + 1, self.default_alpha()[:i]))
             lower, upper = j[:, :n], -j[:, n:]
+        return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+
+    def _patches_apply(self, i: int) -> bool:
+        return i > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall) and conv_prefix(self.net, i) is not None
+
+    def _bounds_patches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds on a convolutional layer from the dual network on receptive fields only."""
+        ops = conv_prefix(self.net, i)
+        assert ops is not None
+        shape = self.shapes[i + 1]
+        relax = self.relaxations[:i]
+        d = [r.upper_slope for r in relax]
+        low = [r.lower_unstable for r in relax]
+        lo, hi = self.input_set.box(self.x)
+        out_hw = (shape[1], shape[2])
+
+        def value(terms: PatchTerms, sign: float) -> torch.Tensor:
+            relu = terms.relu if sign > 0 or terms.relu_neg is None else terms.relu_neg
+            return -sign * terms.bias + patch_box_term(terms, lo, hi, out_hw, sign) + relu
+
+        if self.slopes == "fixed":
+            terms = patch_backward(ops, shape, d, low, None, 1.0)
+            lower, upper = value(terms, 1.0), -value(terms, -1.0)
+        else:
+            a = self.default_alpha()[:i]
+            lower = value(patch_backward(ops, shape, d, low, a, 1.0), 1.0)
+            upper = -value(patch_backward(ops, shape, d, low, a, -1.0), 1.0)
+        batch = self.x.shape[0]
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
     def _first_layer_is_interval(self) -> bool:

@@ -171,9 +171,7 @@ def load_model(path: str | Path, arch: str | None = None, trusted: bool = False)
     state = _as_state_dict(obj)
     if arch is None:
         if state is not None:
-            raise ModelFileError(
-                f"{path}: holds a state dict; pass arch= one of {', '.join(ARCHITECTURES)}"
-            )
+            raise ModelFileError(f"{path}: holds a state dict; pass arch= one of {', '.join(ARCHITECTURES)}")
         if not isinstance(obj, nn.Sequential):
             raise ModelFileError(f"{path}: holds a {type(obj).__name__}, expected an nn.Sequential")
         return obj.eval()

@@ -1,0 +1,243 @@
+"""Shared helpers of the Appendix B.1 experiments: command line, output files, polygon plots.
+
+The colours follow the paper's Figure 6: the true adversarial polytope in gray, the convex
+outer approximation (the relaxed LP) in green; we add the dual polygon of Theorem 1 as a
+dashed outline and the naive layerwise box (eq. 42) as an inset or a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from polytope.network import Network
+from polytope.polygons import Polygon, PolygonComparison, TruePolytope, rasterize
+
+TRUE_COLOR = "0.45"
+LP_FILL = "#8fd18f"
+LP_EDGE = "#1b7a1b"
+DUAL_COLOR = "#1f4e9c"
+LAYERWISE_COLOR = "#b03030"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line and files
+# ---------------------------------------------------------------------------------------------
+def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The common options: ``--quick``, ``--seed``, ``--out``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small grids and few steps: a smoke run of seconds"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder for the PNG and CSV")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def save_outputs(fig: Figure, table: pd.DataFrame, out: Path, name: str, dpi: int = 150) -> tuple[Path, Path]:
+    """Write ``out/name.png`` and ``out/name.csv``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    png, csv = out / f"{name}.png", out / f"{name}.csv"
+    fig.savefig(png, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    table.to_csv(csv, index=False)
+    return png, csv
+
+
+@contextmanager
+def timed(label: str) -> Iterator[None]:
+    """Print how long the block took."""
+    start = time.perf_counter()
+    yield
+    print(f"{label}: {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# figure layout
+# ---------------------------------------------------------------------------------------------
+def panel_grid(rows: int, cols: int, size: float = 3.2) -> tuple[Figure, np.ndarray]:
+    """A ``rows x cols`` grid of square panels with constrained layout; axes always 2-D."""
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(size * cols, size * rows + 0.8), squeeze=False, layout="constrained"
+    )
+    return fig, axes
+
+
+def finish(fig: Figure, title: str, handles: Sequence, ncol: int = 2) -> None:
+    """Title on top, one legend for all panels below them."""
+    fig.suptitle(title, fontsize=11)
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
+
+
+def note(ax: Axes, text: str, loc: str = "upper left", fontsize: float = 7) -> None:
+    """A small boxed note inside a panel."""
+    x, ha = (0.02, "left") if "left" in loc else (0.98, "right")
+    y, va = (0.98, "top") if "upper" in loc else (0.02, "bottom")
+    ax.text(
+        x,
+        y,
+        text,
+        transform=ax.transAxes,
+        ha=ha,
+        va=va,
+        fontsize=fontsize,
+        bbox={"fc": "white", "ec": "0.8", "alpha": 0.85, "pad": 2},
+        zorder=6,
+    )
+
+
+def label_axes(ax: Axes, xlabel: bool = True, ylabel: bool = True, fontsize: float = 9) -> None:
+    """Output-space axis labels ``zhat_{k,1}``, ``zhat_{k,2}`` and small tick labels."""
+    ax.tick_params(labelsize=7)
+    if xlabel:
+        ax.set_xlabel(r"output $\hat z_{k,1}$", fontsize=fontsize)
+    if ylabel:
+        ax.set_ylabel(r"output $\hat z_{k,2}$", fontsize=fontsize)
+
+
+# ---------------------------------------------------------------------------------------------
+# polygons
+# ---------------------------------------------------------------------------------------------
+def view_box(
+    polygons: Sequence[Polygon], points: np.ndarray | None = None, margin: float = 0.08
+) -> np.ndarray:
+    """A square-ish ``[[x0, y0], [x1, y1]]`` around the polygons (and points) with a margin."""
+    parts = [p.vertices for p in polygons if len(p.vertices)]
+    if points is not None and len(points):
+        parts.append(np.stack([points.min(0), points.max(0)]))
+    allv = np.concatenate(parts)
+    lo, hi = allv.min(0), allv.max(0)
+    centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin)
+    half = max(half, 1e-9)
+    return np.stack([centre - half, centre + half])
+
+
+def show_occupancy(ax: Axes, occupancy: np.ndarray, box: np.ndarray, color: str = TRUE_COLOR) -> None:
+    """Filled pixels ``occupancy[row, col]`` (row 0 at the bottom) over the view ``box``."""
+    rgba = np.zeros((*occupancy.shape, 4))
+    rgba[..., :3] = matplotlib.colors.to_rgb(color)
+    rgba[..., 3] = occupancy.astype(float)
+    ax.imshow(
+        rgba,
+        origin="lower",
+        extent=(box[0, 0], box[1, 0], box[0, 1], box[1, 1]),
+        interpolation="nearest",
+        zorder=2,
+        aspect="auto",
+    )
+
+
+def plot_true_polytope(
+    ax: Axes, true: TruePolytope, box: np.ndarray, net: Network | None = None, bins: int = 400
+) -> None:
+    """The true polytope as the pixels it covers (a filled, usually non-convex shape).
+
+    With the network, cells of the input grid that ``f`` stretches over several pixels are
+    re-sampled (:func:`polytope.polygons.rasterize`); without it, the enumerated points are binned.
+    """
+    if net is not None:
+        occupancy = rasterize(net, true.input_box, box, bins=bins)
+    else:
+        pts = true.points
+        hist, _, _ = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins, range=box.T.tolist())
+        occupancy = hist.T > 0
+    show_occupancy(ax, occupancy, box)
+
+
+def fill_polygon(ax: Axes, polygon: Polygon, **kwargs) -> None:
+    """A filled polygon (nothing for an empty one)."""
+    if len(polygon.vertices) >= 3:
+        ax.fill(polygon.vertices[:, 0], polygon.vertices[:, 1], **kwargs)
+
+
+def outline_polygon(ax: Axes, polygon: Polygon, **kwargs) -> None:
+    """A closed outline."""
+    v = polygon.vertices
+    if len(v) >= 2:
+        closed = np.concatenate([v, v[:1]])
+        ax.plot(closed[:, 0], closed[:, 1], **kwargs)
+
+
+def draw_comparison(
+    ax: Axes, comp: PolygonComparison, net: Network | None = None, bins: int = 400, inset: bool = False
+) -> np.ndarray:
+    """True polytope (gray) over the LP polygon (green) with the dual polygon dashed.
+
+    Returns the view box.  With ``inset`` a small inset shows the layerwise box (red) and,
+    as a black square, the main view inside it.
+    """
+    polys = [comp.true.hull, comp.dual.polygon]
+    if comp.lp is not None:
+        polys.append(comp.lp.polygon)
+    box = view_box(polys)
+    if comp.lp is not None:
+        fill_polygon(ax, comp.lp.polygon, color=LP_FILL, zorder=1, lw=0)
+    plot_true_polytope(ax, comp.true, box, net, bins=bins)
+    if comp.lp is not None:
+        outline_polygon(ax, comp.lp.polygon, color=LP_EDGE, lw=1.0, zorder=3)
+    outline_polygon(ax, comp.dual.polygon, color=DUAL_COLOR, lw=1.0, ls="--", zorder=4)
+    ax.set_xlim(box[0, 0], box[1, 0])
+    ax.set_ylim(box[0, 1], box[1, 1])
+    ax.set_aspect("equal", adjustable="box")
+    ax.ticklabel_format(useOffset=False)
+    if inset:
+        draw_layerwise_inset(ax, comp.layerwise, box)
+    return box
+
+
+def draw_layerwise_inset(ax: Axes, layerwise: Polygon, view: np.ndarray, size: float = 0.3) -> Axes:
+    """Bottom-right inset: the layerwise box (red) with the main view (black) inside it."""
+    inner = ax.inset_axes((1 - size - 0.02, 0.02, size, size))
+    lw = layerwise.bbox
+    outer = np.stack([np.minimum(lw[0], view[0]), np.maximum(lw[1], view[1])])
+    pad = 0.06 * (outer[1] - outer[0]).max()
+    inner.add_patch(Rectangle(lw[0], *(lw[1] - lw[0]), fill=False, ec=LAYERWISE_COLOR, lw=1.0))
+    side = view[1] - view[0]
+    # keep the view visible even when it is far below a pixel of the inset
+    mark = np.maximum(side, 0.04 * (outer[1] - outer[0]))
+    centre = (view[0] + view[1]) / 2
+    inner.add_patch(Rectangle(centre - mark / 2, *mark, fill=True, fc="k", ec="k", lw=0.8))
+    inner.set_xlim(outer[0, 0] - pad, outer[1, 0] + pad)
+    inner.set_ylim(outer[0, 1] - pad, outer[1, 1] + pad)
+    inner.set_aspect("equal", adjustable="datalim")
+    inner.set_xticks([])
+    inner.set_yticks([])
+    inner.patch.set_alpha(0.85)
+    for spine in inner.spines.values():
+        spine.set_color("0.6")
+    return inner
+
+
+def legend_handles(with_lp: bool = True, layerwise: bool = True) -> list:
+    """Legend entries for :func:`draw_comparison`."""
+    handles: list = [Patch(color=TRUE_COLOR, label="true adversarial polytope (enumerated)")]
+    if with_lp:
+        handles.append(
+            Patch(facecolor=LP_FILL, edgecolor=LP_EDGE, label="convex outer bound: relaxed LP (eq. 19)")
+        )
+    handles.append(Line2D([], [], color=DUAL_COLOR, ls="--", label="dual bound J(c) (Theorem 1)"))
+    if layerwise:
+        handles.append(
+            Line2D([], [], color=LAYERWISE_COLOR, label="inset: layerwise box (eq. 42), black = main view")
+        )
+    return handles

@@ -1,0 +1,164 @@
+"""Figure 6: true adversarial polytopes of random 2-100-100-100-2 networks and their outer bounds.
+
+Appendix B.1: weights ``N(0, 1/sqrt(n_in))`` -- read as standard deviation ``1/sqrt(n_in)``
+(variance ``1/n_in``, torch's ``normal_(0, std)``) -- and biases ``N(0, 1)``; rows
+``eps = 0.05, 0.1, 0.25``; columns are independent random networks, each around its own
+centre ``x ~ U([0, 1]^2)`` (the paper does not say where ``x`` lies).  Per panel the true
+polytope (gray, ``>= 10^6`` grid points plus the box boundary), the relaxed LP polygon (green,
+eq. 19, ``K = 256`` supporting half-planes), the dual polygon ``c^T z >= J(c)`` (Theorem 1,
+dashed) and, as an inset, the naive layerwise box (eq. 42).
+
+The CSV holds, per (net, eps), the areas of the true hull, LP outer / inner polygons, dual
+polygon and layerwise box, and their ratios to the true hull; ``<name>_summary.csv`` the
+geometric mean and range of the ratios per eps.
+
+    python -m experiments.fig6_polytopes [--quick] [--seed S] [--out figures/]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from experiments import _plot
+from polytope import DualNetwork, LinfBall, Network
+from polytope.polygons import PolygonComparison, compare_polygons, random_network
+
+NAME = "fig6_polytopes"
+WIDTHS = (2, 100, 100, 100, 2)
+EPSILONS = (0.05, 0.1, 0.25)
+
+
+def random_case(seed: int, net_index: int) -> tuple[Network, torch.Tensor]:
+    """Network ``net_index`` of a seed and its centre ``x ~ U([0, 1]^2)`` (float64)."""
+    gen = torch.Generator().manual_seed(1000 * seed + net_index)
+    net = Network.from_torch(random_network(WIDTHS, generator=gen, dtype=torch.float64))
+    x = torch.rand(1, 2, generator=gen, dtype=torch.float64)
+    return net, x
+
+
+def n_unstable(net: Network, x: torch.Tensor, eps: float) -> list[int]:
+    """Size of the paper's unstable set ``I_i`` in each ReLU layer (dual bounds)."""
+    dual = DualNetwork(net, x, LinfBall(eps))
+    return [int(s.unstable.sum()) for s in (dual.index_sets(i) for i in range(net.n_relu))]
+
+
+def record(net_index: int, x: torch.Tensor, eps: float, comp: PolygonComparison, unstable: list[int]) -> dict:
+    """One CSV row: areas, ratios to the true hull, timings."""
+    row: dict = {"net": net_index, "x1": float(x[0, 0]), "x2": float(x[0, 1]), "eps": eps}
+    row["unstable"] = "/".join(map(str, unstable))
+    row.update({f"area_{k}": v for k, v in comp.areas().items()})
+    row.update({f"ratio_{k.split('/')[0]}": v for k, v in comp.ratios().items()})
+    row["n_grid"] = comp.true.n_side**2
+    row["n_directions"] = len(comp.dual.halfplanes.offsets)
+    row["lp_nonoptimal"] = sum(s != "optimal" for s in comp.lp.statuses) if comp.lp is not None else -1
+    row["seconds_true"] = comp.true.seconds
+    row["seconds_lp"] = comp.lp.seconds if comp.lp is not None else math.nan
+    row["seconds_dual"] = comp.dual.seconds
+    return row
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Per eps: geometric mean, min and max of every area ratio over the networks."""
+    rows = []
+    for eps, group in table.groupby("eps"):
+        row: dict = {"eps": eps, "n_nets": len(group)}
+        for col in ("ratio_lp_outer", "ratio_lp_inner", "ratio_dual", "ratio_layerwise"):
+            v = group[col].to_numpy()
+            row[f"{col}_geomean"] = float(np.exp(np.log(v).mean()))
+            row[f"{col}_min"] = float(v.min())
+            row[f"{col}_max"] = float(v.max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run(
+    seed: int = 0,
+    n_nets: int = 4,
+    epsilons: Sequence[float] = EPSILONS,
+    n_side: int = 1001,
+    n_boundary: int = 100_000,
+    k: int = 256,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[tuple[int, float], PolygonComparison]]:
+    """All panels: a table of areas and the comparisons themselves."""
+    rows, comps = [], {}
+    cases = [(j, eps) for j in range(n_nets) for eps in epsilons]
+    for j, eps in tqdm(cases, desc="Figure 6 panels", disable=not progress):
+        net, x = random_case(seed, j)
+        comp = compare_polygons(net, x, LinfBall(eps), k=k, n_side=n_side, n_boundary=n_boundary)
+        comps[(j, eps)] = comp
+        rows.append(record(j, x, eps, comp, n_unstable(net, x, eps)))
+    return pd.DataFrame(rows), comps
+
+
+def plot(comps: dict[tuple[int, float], PolygonComparison], table: pd.DataFrame, seed: int) -> Figure:
+    """Rows: eps; columns: networks; each panel notes its area ratios to the true hull."""
+    nets = sorted({j for j, _ in comps})
+    epsilons = sorted({e for _, e in comps})
+    fig, axes = _plot.panel_grid(len(epsilons), len(nets), size=3.2)
+    for c, j in enumerate(nets):
+        net, _ = random_case(seed, j)
+        for r, eps in enumerate(epsilons):
+            ax = axes[r, c]
+            _plot.draw_comparison(ax, comps[(j, eps)], net, bins=300)
+            row = table[(table.net == j) & (table.eps == eps)].iloc[0]
+            ax.set_title(f"net {j}, $\\epsilon$ = {eps:g}", fontsize=10)
+            _plot.note(
+                ax,
+                f"area / true hull\nLP {row.ratio_lp_outer:.2f}\ndual {row.ratio_dual:.2f}\n"
+                f"layerwise {row.ratio_layerwise:.3g}",
+            )
+            _plot.label_axes(ax, xlabel=r == len(epsilons) - 1, ylabel=c == 0)
+    _plot.finish(
+        fig,
+        "Figure 6: random 2-100-100-100-2 networks (weights N(0, std 1/sqrt(n_in)), biases N(0, 1))",
+        _plot.legend_handles(layerwise=False),
+    )
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _plot.experiment_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--nets", type=int, default=None, help="number of random networks (default 4, quick 2)"
+    )
+    parser.add_argument("--directions", type=int, default=None, help="LP/dual directions K (default 256)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        settings = {"n_nets": args.nets or 2, "n_side": 151, "n_boundary": 2000, "k": args.directions or 64}
+    else:
+        settings = {
+            "n_nets": args.nets or 4,
+            "n_side": 1001,
+            "n_boundary": 100_000,
+            "k": args.directions or 256,
+        }
+    start = time.perf_counter()
+    table, comps = run(seed=args.seed, progress=not args.no_progress, **settings)
+    fig = plot(comps, table, args.seed)
+    png, csv = _plot.save_outputs(fig, table, args.out, NAME)
+    summary = summarise(table)
+    summary.to_csv(args.out / f"{NAME}_summary.csv", index=False)
+    cols = [
+        "eps",
+        "ratio_lp_outer_geomean",
+        "ratio_lp_inner_geomean",
+        "ratio_dual_geomean",
+        "ratio_layerwise_geomean",
+    ]
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {png} and {csv} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The ``polytope`` command: one sub-command per module in :mod:`polytope.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from polytope.errors import PolytopeError
+
+#: Sub-command modules; each has ``add_parser(subparsers)`` setting ``handler=run(args) -> int``.
+COMMANDS = (
+    "polytope.commands.certify",
+    "polytope.commands.data",
+    "polytope.commands.reproduce",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="polytope",
+        description="Provable robustness of ReLU networks by linear programming (Wong & Kolter 2018).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, dispatch, and turn polytope's errors into one line on stderr."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except PolytopeError as exc:
+        print(f"polytope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"polytope {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

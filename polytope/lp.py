@@ -1,0 +1,721 @@
+"""The exact relaxed LP of Appendix A.1 (eq. 19), solved directly with HiGHS.
+
+For one example ``x`` and an objective ``c`` on the output, eq. (19) is::
+
+    minimize   c^T zhat_k
+    subject to zhat_{i+1} = W_i z_i + b_i                          i = 1..k-1
+               z_1 in S(x)                                          (box for l_inf)
+               z_ij = 0                                             j in I_i^-
+               z_ij = zhat_ij                                       j in I_i^+
+               z_ij >= 0,  z_ij >= zhat_ij,
+               (u_ij - l_ij) z_ij - u_ij zhat_ij <= -u_ij l_ij      j in I_i
+
+Theorem 1's ``J(c, alpha)`` is the objective of its dual, so ``J <= LP <= min c^T f`` and, with
+the same bounds ``l, u``, ``max_alpha J = LP``: :func:`optimize_alpha` closes that gap from
+below.  :class:`RelaxedLP` builds the model once per example (one CSR block per layer from
+:mod:`polytope.sparse_ops`) and only swaps the objective between targets, so each further
+target is a warm-started dual simplex from the previous basis.
+
+Input sets: the l_inf ball (and its box-clipped version) is a box on ``z_1``; the l_1 ball adds
+``t >= |z_1 - x|``, ``sum t <= eps``.  The l_2 ball is not polyhedral: :class:`RelaxedLP`
+refuses it with a :class:`~polytope.errors.SolverError`, and :class:`RelaxedLPCvxpy` solves it
+as a second-order cone program with Clarabel.
+
+Bounds: ``"dual"`` takes ``l, u`` from :class:`~polytope.dual.DualNetwork` (the paper's
+setting); ``"lp-all"`` re-derives them layer by layer by LPs over the relaxation of the earlier
+layers; a list of ``(l, u)`` pairs uses them as given.  Eq. (19) puts no bounds on ``zhat`` of
+stable units (they would make the LP tighter than its dual ``J``), and neither does this model.
+
+Solutions are reported like scipy's ``OptimizeResult``: :class:`LPResult` with a string
+``status``; ``value`` is NaN unless the status is ``"optimal"`` -- a value that was not proven
+optimal is never returned as a bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import highspy
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from polytope.dual import DualNetwork
+from polytope.errors import InvalidInputError, ShapeMismatchError, SolverError
+from polytope.network import Network, Shape, numel
+from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.sparse_ops import SparseAffine, network_matrices
+
+BoundsSpec = Literal["dual", "lp-all"] | Sequence[tuple[Any, Any]]
+FlatBounds = list[tuple[np.ndarray, np.ndarray]]
+
+_INF = highspy.kHighsInf
+
+_STATUS = {
+    highspy.HighsModelStatus.kOptimal: "optimal",
+    highspy.HighsModelStatus.kInfeasible: "infeasible",
+    highspy.HighsModelStatus.kUnbounded: "unbounded",
+    highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible_or_unbounded",
+    highspy.HighsModelStatus.kTimeLimit: "time_limit",
+    highspy.HighsModelStatus.kIterationLimit: "iteration_limit",
+    highspy.HighsModelStatus.kObjectiveBound: "cutoff",
+    highspy.HighsModelStatus.kObjectiveTarget: "target",
+    highspy.HighsModelStatus.kInterrupt: "interrupted",
+    highspy.HighsModelStatus.kSolutionLimit: "solution_limit",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LPResult:
+    """The outcome of one LP (or MILP) solve, in the manner of scipy's ``OptimizeResult``.
+
+    ``status`` is ``"optimal"``, ``"infeasible"``, ``"unbounded"``, ``"infeasible_or_unbounded"``,
+    ``"time_limit"``, ``"iteration_limit"``, ``"cutoff"`` / ``"target"`` (MILP early stops) or
+    ``"error"``.  ``value`` is the optimal objective and NaN for every other status.
+    ``bound`` is a proven lower bound on the objective (equal to ``value`` for an optimal LP;
+    the MILP's dual bound, which survives a time limit); NaN when none is known.
+    ``z_out`` (``zhat_k``), ``z_in`` (``z_1``) and ``layers`` (``(zhat_i, z_i)`` per ReLU layer,
+    flattened) are the primal solution when the solver has one, else ``None``.
+    """
+
+    value: float
+    status: str
+    z_out: np.ndarray | None
+    seconds: float
+    message: str = ""
+    bound: float = math.nan
+    z_in: np.ndarray | None = None
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
+    iterations: int = 0
+
+    @property
+    def success(self) -> bool:
+        """``True`` when the solve ended at a proven optimum."""
+        return self.status == "optimal"
+
+
+def status_name(model_status: highspy.HighsModelStatus) -> str:
+    """Our status string for a HiGHS model status (anything unexpected is ``"error"``)."""
+    return _STATUS.get(model_status, "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing a network, an example and its bounds in float64
+# ---------------------------------------------------------------------------------------------
+def as_float64(net: Network) -> Network:
+    """``net`` itself if it is float64 on the CPU, else a float64 CPU copy (the model is untouched)."""
+    weight = net.parameters_like()
+    if weight.dtype == torch.float64 and weight.device.type == "cpu":
+        return net
+    module = copy.deepcopy(net.module).to(device="cpu", dtype=torch.float64)
+    return Network.from_torch(module)
+
+
+def batch_of_one(net: Network, x: Any) -> torch.Tensor:
+    """``x`` of shape ``(*in_shape)`` or ``(1, *in_shape)`` as a float64 CPU batch ``(1, *in_shape)``."""
+    t = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64)
+    for candidate in (t.unsqueeze(0), t):
+        if candidate.dim() < 2 or candidate.shape[0] != 1:
+            continue
+        try:
+            net.shapes(tuple(candidate.shape[1:]))
+        except (ShapeMismatchError, RuntimeError):
+            continue
+        return candidate
+    raise ShapeMismatchError(
+        f"x must be one example (*in_shape) or (1, *in_shape) that fits the network, got {tuple(t.shape)}"
+    )
+
+
+def relu_sets(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks ``I-`` (``u <= 0``), ``I+`` (``l >= 0``) and ``I`` of section 3.2, as in the dual."""
+    negative = upper <= 0
+    positive = (lower >= 0) & ~negative
+    return negative, positive, ~negative & ~positive
+
+
+def dual_bounds(net64: Network, x64: torch.Tensor, input_set: InputSet) -> tuple[DualNetwork, FlatBounds]:
+    """Algorithm 1's ``(l, u)`` per ReLU layer for a float64 batch of one, flattened to numpy."""
+    with torch.no_grad():
+        dual = DualNetwork(net64, x64, input_set)
+        flat = [(lo[0].flatten().numpy().copy(), up[0].flatten().numpy().copy()) for lo, up in dual.bounds]
+    return dual, flat
+
+
+def check_bounds(bounds: Sequence[tuple[Any, Any]], shapes: Sequence[Shape]) -> FlatBounds:
+    """Validate user-supplied ``(l, u)`` pairs: one per ReLU layer, right size, finite, ``l <= u``."""
+    relu_shapes = list(shapes[1:-1])
+    if len(bounds) != len(relu_shapes):
+        raise ShapeMismatchError(f"bounds needs {len(relu_shapes)} (l, u) pairs, got {len(bounds)}")
+    out = []
+    for i, ((lo, up), shape) in enumerate(zip(bounds, relu_shapes, strict=True)):
+        lo_np = torch.as_tensor(lo).detach().cpu().double().flatten().numpy().copy()
+        up_np = torch.as_tensor(up).detach().cpu().double().flatten().numpy().copy()
+        if lo_np.size != numel(shape) or up_np.size != numel(shape):
+            raise ShapeMismatchError(f"bounds[{i}] must have {numel(shape)} entries (layer shape {shape})")
+        if not (np.isfinite(lo_np).all() and np.isfinite(up_np).all()):
+            raise InvalidInputError(f"bounds[{i}] holds NaN or inf")
+        if (lo_np > up_np).any():
+            bad = int(np.argmax(lo_np > up_np))
+            raise InvalidInputError(
+                f"bounds[{i}] has l > u (first at unit {bad}: {lo_np[bad]} > {up_np[bad]}): the relaxation is empty"
+            )
+        out.append((lo_np, up_np))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A thin HiGHS model: columns, CSR row blocks, objective swaps, timed runs
+# ---------------------------------------------------------------------------------------------
+class HighsModel:
+    """A ``highspy.Highs`` instance grown by blocks of columns and rows."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.h = highspy.Highs()
+        self.h.silent()
+        for name, value in options.items():
+            if self.h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
+                raise SolverError(f"HiGHS rejected option {name}={value!r}")
+        self.n_cols = 0
+        self._cost_cols = np.empty(0, dtype=np.int32)
+
+    def add_cols(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """Add ``len(lower)`` continuous columns with zero cost; return their indices."""
+        n = int(lower.size)
+        idx = np.arange(self.n_cols, self.n_cols + n, dtype=np.int32)
+        if n:
+            self._check(
+                self.h.addCols(
+                    n, np.zeros(n), np.asarray(lower, float), np.asarray(upper, float), 0,
+                    np.zeros(n, dtype=np.int32), np.empty(0, dtype=np.int32), np.empty(0),
+                ),
+                "addCols",
+            )
+        self.n_cols += n
+        return idx
+
+    def set_integer(self, cols: np.ndarray) -> None:
+        """Mark columns as integer (binaries when their bounds are [0, 1])."""
+        if cols.size:
+            kinds = np.full(cols.size, int(highspy.HighsVarType.kInteger), dtype=np.uint8)
+            self._check(self.h.changeColsIntegrality(cols.size, cols.astype(np.int32), kinds), "integrality")
+
+    def add_rows(
+        self, lower: np.ndarray, upper: np.ndarray, blocks: Sequence[tuple[np.ndarray, sp.spmatrix]]
+    ) -> None:
+        """Add rows ``lower <= sum_b M_b x[cols_b] <= upper``; ``blocks`` are ``(cols_b, M_b)``."""
+        n = int(lower.size)
+        if not n:
+            return
+        rows, cols, vals = [], [], []
+        for col_idx, mat in blocks:
+            coo = sp.coo_matrix(mat)
+            rows.append(coo.row)
+            cols.append(col_idx[coo.col])
+            vals.append(coo.data)
+        csr = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, self.n_cols)
+        )
+        csr.sum_duplicates()
+        self._check(
+            self.h.addRows(
+                n, np.asarray(lower, float), np.asarray(upper, float), int(csr.nnz),
+                csr.indptr[:-1].astype(np.int32), csr.indices.astype(np.int32), csr.data.astype(float),
+            ),
+            "addRows",
+        )
+
+    def set_objective(self, cols: np.ndarray, costs: np.ndarray) -> None:
+        """Make ``costs @ x[cols]`` the (minimised) objective, clearing the previous one."""
+        if self._cost_cols.size:
+            zero = np.zeros(self._cost_cols.size)
+            self.h.changeColsCost(self._cost_cols.size, self._cost_cols, zero)
+        cols = cols.astype(np.int32)
+        self.h.changeColsCost(cols.size, cols, np.asarray(costs, dtype=float))
+        self._cost_cols = cols
+
+    def run(self, time_limit: float | None, warm: bool) -> tuple[str, float, str]:
+        """Solve; ``warm=False`` discards the previous basis.  Returns ``(status, seconds, message)``."""
+        if not warm:
+            self.h.clearSolver()
+        # HiGHS's clock runs over the instance's lifetime, so the limit is set relative to it.
+        limit = _INF if time_limit is None else self.h.getRunTime() + max(float(time_limit), 0.0)
+        self.h.setOptionValue("time_limit", limit)
+        start = time.perf_counter()
+        run_status = self.h.run()
+        seconds = time.perf_counter() - start
+        model_status = self.h.getModelStatus()
+        status = status_name(model_status)
+        message = self.h.modelStatusToString(model_status)
+        if run_status == highspy.HighsStatus.kError and status == "optimal":
+            status, message = "error", f"HiGHS returned an error ({message})"
+        return status, seconds, message
+
+    def values(self) -> np.ndarray:
+        """The primal column values of the last solve."""
+        return np.asarray(self.h.getSolution().col_value, dtype=float)
+
+    def objective_value(self) -> float:
+        return float(self.h.getInfo().objective_function_value)
+
+    def _check(self, status: highspy.HighsStatus, what: str) -> None:
+        if status == highspy.HighsStatus.kError:
+            raise SolverError(f"HiGHS {what} failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. (19) as HiGHS columns and rows, one layer at a time
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class NetworkColumns:
+    """Column indices of every variable of eq. (19) in a :class:`HighsModel`."""
+
+    input: np.ndarray
+    zhat: list[np.ndarray] = field(default_factory=list)
+    z: list[np.ndarray] = field(default_factory=list)
+    binaries: list[np.ndarray] = field(default_factory=list)
+
+
+def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.Tensor) -> NetworkColumns:
+    """``z_1`` in ``S(x)``: a box for l_inf sets; the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
+    if isinstance(input_set, L2Ball):
+        raise SolverError(
+            "the l2 ball is not polyhedral, so eq. (19) over it is a second-order cone program, not an LP: "
+            "use polytope.lp.RelaxedLPCvxpy (solved by Clarabel) for l2 sets"
+        )
+    if not isinstance(input_set, LinfBall | BoxedLinfBall | L1Ball):
+        raise SolverError(f"no LP form for input set {type(input_set).__name__}")
+    lo, hi = input_set.box(x64)
+    cols = NetworkColumns(model.add_cols(lo.flatten().numpy(), hi.flatten().numpy()))
+    if isinstance(input_set, L1Ball):
+        eps = float(input_set.radius(x64)[0])
+        n = x.size
+        t = model.add_cols(np.zeros(n), np.full(n, eps))
+        eye = sp.identity(n, format="csr")
+        model.add_rows(-x, np.full(n, _INF), [(t, eye), (cols.input, -eye)])  # t - z >= -x
+        model.add_rows(x, np.full(n, _INF), [(t, eye), (cols.input, eye)])  # t + z >= x
+        model.add_rows(np.array([-_INF]), np.array([eps]), [(t, sp.csr_matrix(np.ones((1, n))))])
+    return cols
+
+
+def add_affine(model: HighsModel, cols: NetworkColumns, affine: SparseAffine) -> np.ndarray:
+    """Free columns ``zhat_{i+1}`` and the equality rows ``zhat_{i+1} - W_i z_i = b_i``."""
+    prev = cols.input if not cols.z else cols.z[-1]
+    n = affine.matrix.shape[0]
+    zhat = model.add_cols(np.full(n, -_INF), np.full(n, _INF))
+    model.add_rows(affine.bias, affine.bias, [(zhat, sp.identity(n, format="csr")), (prev, -affine.matrix)])
+    cols.zhat.append(zhat)
+    return zhat
+
+
+def add_relu(
+    model: HighsModel, cols: NetworkColumns, lower: np.ndarray, upper: np.ndarray, exact: bool = False
+) -> np.ndarray:
+    """``z_i = ReLU(zhat_i)`` relaxed by eq. (19) on ``I`` (or exactly by big-M binaries).
+
+    ``I-``: ``z = 0`` (column fixed at 0); ``I+``: ``z = zhat``; ``I``: ``z >= 0``, ``z >= zhat``
+    and the upper line, written divided by ``u - l > 0`` as ``z - d zhat <= -d l`` with
+    ``d = u/(u-l)`` (the same half-space as eq. 19, better scaled).  With ``exact=True`` the
+    upper line becomes ``z <= zhat - l (1 - a)``, ``z <= u a`` with a binary ``a`` (a MILP).
+    """
+    zhat = cols.zhat[-1]
+    negative, positive, unstable = relu_sets(lower, upper)
+    col_lo = np.where(positive, -_INF, 0.0)
+    col_hi = np.where(negative, 0.0, _INF)
+    z = model.add_cols(col_lo, col_hi)
+    cols.z.append(z)
+
+    pos = np.flatnonzero(positive)
+    unst = np.flatnonzero(unstable)
+    sel_pos = _selector(pos, lower.size)
+    sel_unst = _selector(unst, lower.size)
+    zeros_pos = np.zeros(pos.size)
+    model.add_rows(zeros_pos, zeros_pos, [(z, sel_pos), (zhat, -sel_pos)])  # z = zhat on I+
+    n_u = unst.size
+    model.add_rows(np.zeros(n_u), np.full(n_u, _INF), [(z, sel_unst), (zhat, -sel_unst)])  # z >= zhat
+    l_u, u_u = lower[unst], upper[unst]
+    if not exact:
+        d = u_u / (u_u - l_u)
+        model.add_rows(
+            np.full(n_u, -_INF), -d * l_u, [(z, sel_unst), (zhat, -sp.diags(d) @ sel_unst)]
+        )
+        cols.binaries.append(np.empty(0, dtype=np.int32))
+        return z
+    a = model.add_cols(np.zeros(n_u), np.ones(n_u))
+    model.set_integer(a)
+    # z - zhat - l a <= -l   (a = 0: z <= zhat - l is slack; a = 1: z <= zhat)
+    model.add_rows(np.full(n_u, -_INF), -l_u, [(z, sel_unst), (zhat, -sel_unst), (a, -sp.diags(l_u))])
+    # z - u a <= 0           (a = 0: z = 0; a = 1: z <= u)
+    model.add_rows(np.full(n_u, -_INF), np.zeros(n_u), [(z, sel_unst), (a, -sp.diags(u_u))])
+    cols.binaries.append(a)
+    return z
+
+
+def _selector(index: np.ndarray, n: int) -> sp.csr_matrix:
+    """The ``(len(index), n)`` 0/1 matrix that picks entries ``index`` of a length-``n`` vector."""
+    return sp.csr_matrix((np.ones(index.size), (np.arange(index.size), index)), shape=(index.size, n))
+
+
+def extract(values: np.ndarray, cols: NetworkColumns) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """``(z_in, z_out, ((zhat_i, z_i), ...))`` from a vector of column values."""
+    layers = tuple((values[zh], values[z]) for zh, z in zip(cols.zhat, cols.z, strict=False))
+    return values[cols.input], values[cols.zhat[-1]], layers
+
+
+def solver_options(
+    primal_feasibility_tolerance: float, dual_feasibility_tolerance: float, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """HiGHS options shared by the LP and the MILP."""
+    options: dict[str, Any] = {
+        "primal_feasibility_tolerance": primal_feasibility_tolerance,
+        "dual_feasibility_tolerance": dual_feasibility_tolerance,
+    }
+    options.update(extra or {})
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# The relaxed LP
+# ---------------------------------------------------------------------------------------------
+class RelaxedLP:
+    """Eq. (19) for one example, built once, solved for any number of objectives ``c``.
+
+    Args:
+        net: the network (any dtype; a float64 copy is used).
+        x: one example, ``(*in_shape)`` or ``(1, *in_shape)``.
+        input_set: ``LinfBall``, ``BoxedLinfBall`` or ``L1Ball`` (``L2Ball`` raises
+            :class:`SolverError`; see :class:`RelaxedLPCvxpy`).
+        bounds: ``"dual"`` (Algorithm 1), ``"lp-all"`` (every layer's ``l, u`` re-derived by LPs
+            over the relaxation of the earlier layers, itself built from the tightened bounds),
+            or one ``(l, u)`` pair per ReLU layer.
+        only_unstable: with ``"lp-all"``, re-solve only the units that the dual bounds leave in
+            ``I`` (stable units stay stable, and their ``l, u`` do not enter eq. 19).
+        time_limit: seconds per LP solve (``None``: unlimited).
+        warm_start: reuse the previous basis between objectives (the default); ``False`` solves
+            every objective from scratch.
+        primal_feasibility_tolerance, dual_feasibility_tolerance: HiGHS tolerances.
+        highs_options: further HiGHS options.
+
+    Attributes: ``bounds`` (flat ``(l, u)`` per ReLU layer), ``shapes``, ``dual`` (the
+    :class:`DualNetwork`, ``None`` for given bounds), ``n_unstable``, ``build_seconds``,
+    ``bound_seconds`` / ``bound_solves`` / ``bound_failures`` (for ``"lp-all"``).
+    """
+
+    def __init__(
+        self,
+        net: Network,
+        x: Any,
+        input_set: InputSet,
+        bounds: BoundsSpec = "dual",
+        only_unstable: bool = True,
+        time_limit: float | None = None,
+        warm_start: bool = True,
+        primal_feasibility_tolerance: float = 1e-9,
+        dual_feasibility_tolerance: float = 1e-9,
+        highs_options: dict[str, Any] | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        self.net = as_float64(net)
+        self.x = batch_of_one(self.net, x)
+        self.input_set = input_set
+        self.shapes = self.net.shapes(tuple(self.x.shape[1:]))
+        if len(self.shapes[-1]) != 1:
+            raise ShapeMismatchError(f"the network's output must be a vector, got shape {self.shapes[-1]}")
+        self.time_limit = time_limit
+        self.warm_start = warm_start
+        self.input_set.validate(self.x)
+        self.dual: DualNetwork | None = None
+        self.bound_seconds = 0.0
+        self.bound_solves = 0
+        self.bound_failures = 0
+
+        if isinstance(bounds, str):
+            if bounds not in ("dual", "lp-all"):
+                raise ValueError(f"bounds must be 'dual', 'lp-all' or a list of (l, u), got {bounds!r}")
+            self.dual, flat = dual_bounds(self.net, self.x, input_set)
+        else:
+            flat = check_bounds(bounds, self.shapes)
+        self._affines = network_matrices(self.net, self.shapes[0])
+        options = solver_options(primal_feasibility_tolerance, dual_feasibility_tolerance, highs_options)
+        self.model = HighsModel(options)
+        x_flat = self.x[0].flatten().numpy()
+        self.cols = add_input(self.model, x_flat, input_set, self.x)
+        self.bounds: FlatBounds = []
+        for i, affine in enumerate(self._affines[:-1]):
+            add_affine(self.model, self.cols, affine)
+            lo, up = flat[i]
+            if bounds == "lp-all" and i > 0:
+                lo, up = self._tighten(lo, up, only_unstable)
+            self.bounds.append((lo, up))
+            add_relu(self.model, self.cols, lo, up)
+        add_affine(self.model, self.cols, self._affines[-1])
+        self.n_unstable = [int(relu_sets(lo, up)[2].sum()) for lo, up in self.bounds]
+        self.build_seconds = time.perf_counter() - start - self.bound_seconds
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def n_out(self) -> int:
+        return self.shapes[-1][0]
+
+    def layer_bounds(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(l, u)`` used in eq. (19), shaped like each ReLU layer (float64 tensors)."""
+        return [
+            (torch.from_numpy(lo).reshape(s), torch.from_numpy(up).reshape(s))
+            for (lo, up), s in zip(self.bounds, self.shapes[1:-1], strict=True)
+        ]
+
+    def solve(self, c: Any, warm_start: bool | None = None) -> LPResult:
+        """Minimise ``c^T zhat_k`` over eq. (19); ``c: (n_out,)``."""
+        c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
+        if c_np.size != self.n_out:
+            raise ShapeMismatchError(f"c must have {self.n_out} entries, got shape {tuple(np.shape(c))}")
+        warm = self.warm_start if warm_start is None else warm_start
+        self.model.set_objective(self.cols.zhat[-1], c_np)
+        status, seconds, message = self.model.run(self.time_limit, warm)
+        if status not in ("optimal", "infeasible", "time_limit") and warm:
+            # A warm start that went astray: retry once from scratch before reporting.
+            status, more, message = self.model.run(self.time_limit, warm=False)
+            seconds += more
+        return self._result(status, seconds, message)
+
+    def solve_many(self, C: Any, warm_start: bool | None = None) -> list[LPResult]:
+        """:meth:`solve` for every row of ``C: (m, n_out)``, reusing the basis between rows."""
+        c_all = torch.as_tensor(C).detach().cpu().double()
+        if c_all.dim() != 2 or c_all.shape[1] != self.n_out:
+            raise ShapeMismatchError(f"C must be (m, {self.n_out}), got {tuple(c_all.shape)}")
+        return [self.solve(row, warm_start) for row in c_all]
+
+    # -- internals -------------------------------------------------------------------------
+    def _result(self, status: str, seconds: float, message: str) -> LPResult:
+        iterations = int(self.model.h.getInfo().simplex_iteration_count)
+        if status != "optimal":
+            return LPResult(math.nan, status, None, seconds, message, iterations=iterations)
+        value = self.model.objective_value()
+        z_in, z_out, layers = extract(self.model.values(), self.cols)
+        return LPResult(value, status, z_out, seconds, message, value, z_in, layers, iterations)
+
+    def _tighten(self, lower: np.ndarray, upper: np.ndarray, only_unstable: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``min``/``max`` of each unit of the newest ``zhat`` over the current relaxation.
+
+        A bound whose LP is not solved to optimality keeps its (valid) dual value; an LP bound
+        never loosens the dual one (both are valid, the larger lower bound wins).
+        """
+        start = time.perf_counter()
+        lower, upper = lower.copy(), upper.copy()
+        units = np.flatnonzero(relu_sets(lower, upper)[2]) if only_unstable else np.arange(lower.size)
+        zhat = self.cols.zhat[-1]
+        for j in units:
+            for sign in (1.0, -1.0):
+                self.model.set_objective(zhat[j : j + 1], np.array([sign]))
+                status, _, _ = self.model.run(self.time_limit, warm=True)
+                self.bound_solves += 1
+                if status != "optimal":
+                    self.bound_failures += 1
+                    continue
+                value = sign * self.model.objective_value()
+                if sign > 0:
+                    lower[j] = max(lower[j], value)
+                else:
+                    upper[j] = min(upper[j], value)
+        self.model.set_objective(np.empty(0, dtype=np.int32), np.empty(0))
+        self.bound_seconds += time.perf_counter() - start
+        return lower, upper
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent builder: cvxpy (HiGHS for LPs, Clarabel for the l2 SOCP)
+# ---------------------------------------------------------------------------------------------
+def dense_layer(layer, in_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` of an affine layer as dense float64 arrays, by pushing the identity through torch."""
+    n = numel(in_shape)
+    with torch.no_grad():
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+        w = layer.linear(eye).reshape(n, -1).T.numpy().copy()
+        b = layer.bias(in_shape, eye).flatten().numpy().copy()
+    return w, b
+
+
+class RelaxedLPCvxpy:
+    """Eq. (19) written a second way, in cvxpy with dense torch-derived matrices (for testing).
+
+    It shares nothing with :class:`RelaxedLP` but the bounds: ``"dual"`` or a list of ``(l, u)``.
+    The l2 ball becomes ``||z_1 - x||_2 <= eps`` (a second-order cone program); it is solved by
+    Clarabel, every other set by HiGHS, unless ``solver`` names another cvxpy solver.
+    """
+
+    def __init__(
+        self, net: Network, x: Any, input_set: InputSet, bounds: BoundsSpec = "dual", solver: str | None = None
+    ) -> None:
+        import cvxpy as cp
+
+        self._cp = cp
+        self.net = as_float64(net)
+        self.x = batch_of_one(self.net, x)
+        self.shapes = self.net.shapes(tuple(self.x.shape[1:]))
+        if isinstance(bounds, str):
+            if bounds != "dual":
+                raise ValueError("RelaxedLPCvxpy takes bounds='dual' or a list of (l, u)")
+            _, flat = dual_bounds(self.net, self.x, input_set)
+        else:
+            flat = check_bounds(bounds, self.shapes)
+        self.bounds = flat
+        self.solver = solver or ("CLARABEL" if isinstance(input_set, L2Ball) else "HIGHS")
+        x_flat = self.x[0].flatten().numpy()
+        z = cp.Variable(x_flat.size)
+        cons = self._input_constraints(z, x_flat, input_set)
+        self.zhat: list[Any] = []
+        for i, layer in enumerate(self.net.layers):
+            w, b = dense_layer(layer, self.shapes[i])
+            zhat = cp.Variable(w.shape[0])
+            cons.append(zhat == w @ z + b)
+            self.zhat.append(zhat)
+            if i < len(self.net.layers) - 1:
+                z = cp.Variable(w.shape[0])
+                cons += self._relu_constraints(z, zhat, *flat[i])
+        self.c = cp.Parameter(self.shapes[-1][0])
+        self.problem = cp.Problem(cp.Minimize(self.c @ self.zhat[-1]), cons)
+
+    def _input_constraints(self, z, x_flat: np.ndarray, input_set: InputSet) -> list:
+        cp = self._cp
+        eps = float(input_set.radius(self.x)[0])
+        if isinstance(input_set, L2Ball):
+            return [cp.norm(z - x_flat, 2) <= eps]
+        if isinstance(input_set, L1Ball):
+            return [cp.norm(z - x_flat, 1) <= eps]
+        if isinstance(input_set, BoxedLinfBall):
+            lo = np.maximum(x_flat - eps, input_set.lo)
+            hi = np.minimum(x_flat + eps, input_set.hi)
+            return [z >= lo, z <= hi]
+        if isinstance(input_set, LinfBall):
+            return [z >= x_flat - eps, z <= x_flat + eps]
+        raise SolverError(f"no cvxpy form for input set {type(input_set).__name__}")
+
+    @staticmethod
+    def _relu_constraints(z, zhat, lower: np.ndarray, upper: np.ndarray) -> list:
+        neg, pos, unst = relu_sets(lower, upper)
+        cons = []
+        if neg.any():
+            cons.append(z[np.flatnonzero(neg)] == 0)
+        if pos.any():
+            p = np.flatnonzero(pos)
+            cons.append(z[p] == zhat[p])
+        if unst.any():
+            j = np.flatnonzero(unst)
+            lo, up = lower[j], upper[j]
+            cons += [z[j] >= 0, z[j] >= zhat[j], cp_mul(up - lo, z[j]) - cp_mul(up, zhat[j]) <= -up * lo]
+        return cons
+
+    def solve(self, c: Any) -> LPResult:
+        cp = self._cp
+        self.c.value = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
+        start = time.perf_counter()
+        try:
+            self.problem.solve(solver=self.solver)
+        except cp.error.SolverError as exc:
+            return LPResult(math.nan, "error", None, time.perf_counter() - start, str(exc))
+        seconds = time.perf_counter() - start
+        status = {
+            cp.OPTIMAL: "optimal",
+            cp.INFEASIBLE: "infeasible",
+            cp.UNBOUNDED: "unbounded",
+            cp.OPTIMAL_INACCURATE: "inaccurate",
+        }.get(self.problem.status, "error")
+        if status != "optimal":
+            return LPResult(math.nan, status, None, seconds, str(self.problem.status))
+        value = float(self.problem.value)
+        return LPResult(value, status, np.asarray(self.zhat[-1].value), seconds, "", value)
+
+
+def cp_mul(coef: np.ndarray, var):
+    """Elementwise ``coef * var`` for a cvxpy expression."""
+    import cvxpy as cp
+
+    return cp.multiply(coef, var)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimised lower slopes: closing the gap between J and the LP from below
+# ---------------------------------------------------------------------------------------------
+def _objective_batch(dual: DualNetwork, c: torch.Tensor) -> torch.Tensor:
+    """``c`` as ``(B, m, n_out)`` on the dual's dtype and device."""
+    c = torch.as_tensor(c).to(dtype=dual.x.dtype, device=dual.x.device)
+    if c.dim() == 2:
+        c = c.unsqueeze(0).expand(dual.x.shape[0], *c.shape)
+    n_out = dual.shapes[-1][0]
+    if c.dim() != 3 or c.shape[0] != dual.x.shape[0] or c.shape[2] != n_out:
+        raise ShapeMismatchError(f"c must be (B={dual.x.shape[0]}, m, {n_out}) or (m, {n_out}), got {tuple(c.shape)}")
+    return c
+
+
+def _per_objective(t: torch.Tensor, m: int) -> torch.Tensor:
+    """A layer tensor ``(B, *shape)`` repeated for ``m`` objectives: ``(B, m, *shape)``."""
+    return t.unsqueeze(1).expand(t.shape[0], m, *t.shape[1:]).clone()
+
+
+def _pick(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` where the per-objective ``mask: (B, m)`` holds, else ``b`` (layer tensors ``(B, m, ...)``)."""
+    return torch.where(mask.reshape(*mask.shape, *([1] * (a.dim() - 2))), a, b)
+
+
+def optimize_alpha(
+    dual: DualNetwork,
+    c: torch.Tensor,
+    steps: int = 200,
+    lr: float = 0.1,
+    lr_final: float = 1e-3,
+    optimizer: Literal["adam", "sgd"] = "adam",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Maximise Theorem 1's ``J(c, alpha)`` over the lower slopes ``alpha in [0, 1]``.
+
+    The bounds ``l, u`` stay those of ``dual``; only the last pass (from ``c``) changes, with one
+    slope per unstable unit of every ReLU layer *and per objective* (``alpha: (B, m, *shape)``).
+    Every ``alpha`` gives a valid bound, and with the same bounds ``max_alpha J`` is the optimum
+    of eq. (19) (its LP dual is ``J`` at some ``alpha``), so this closes the gap from below.
+
+    Projected Adam (or plain projected gradient) with a cosine learning-rate decay from ``lr``
+    to ``lr_final``, batched on the tensors' device.  It starts, per objective, from the better
+    of ``alpha = u/(u-l)`` (eq. 8) and the adaptive slopes, and returns the best ``J`` seen with
+    its slopes: ``(J: (B, m), alpha: list of (B, m, *shape))``.
+    """
+    c = _objective_batch(dual, c)
+    m = c.shape[1]
+    relax = dual.relaxations
+    with torch.no_grad():
+        fixed = [_per_objective(r.upper_slope.detach(), m) for r in relax]
+        adaptive = [_per_objective(r.lower_slope(r.adaptive_slope()).detach(), m) for r in relax]
+        j_fixed = dual.objective(c, fixed).detach()
+        j_adaptive = dual.objective(c, adaptive).detach()
+        use_adaptive = j_adaptive > j_fixed
+        best_alpha = [_pick(use_adaptive, a, f) for a, f in zip(adaptive, fixed, strict=True)]
+        best_j = torch.maximum(j_fixed, j_adaptive)
+    params = [a.clone().requires_grad_(True) for a in best_alpha]
+    if not params or steps <= 0:
+        return best_j, best_alpha
+    opt: torch.optim.Optimizer
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    for step in range(steps + 1):
+        j = dual.objective(c, params)
+        with torch.no_grad():
+            better = j.detach() > best_j
+            best_j = torch.where(better, j.detach(), best_j)
+            best_alpha = [_pick(better, p.detach(), b) for p, b in zip(params, best_alpha, strict=True)]
+        if step == steps:
+            break
+        grads = torch.autograd.grad(j.sum(), params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = -g
+        for group in opt.param_groups:
+            group["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(0.0, 1.0)
+    return best_j, [a.clone() for a in best_alpha]
