@@ -26,13 +26,21 @@ in one of two contraction orders that give the same numbers:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
 
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
-from polytope.patches import PatchTerms, conv_prefix, patch_backward, patch_box_term
+from polytope.patches import (
+    PatchTerms,
+    conv_prefix,
+    fold_patches,
+    patch_backward,
+    patch_box_term,
+    transpose_at,
+)
 from polytope.sets import BoxedLinfBall, InputSet, LinfBall
 
 Slopes = Literal["fixed", "adaptive", "optimized"]
@@ -152,6 +160,7 @@ class DualNetwork:
         self.x = x
         self.input_set = input_set
         self.slopes = slopes
+        self.order = order
         self.shapes = net.check_input(x)
         self.eps = input_set.validate(x)
         self.biases = [layer.bias(s, x) for layer, s in zip(net.layers, self.shapes[:-1], strict=True)]
@@ -230,6 +239,8 @@ class DualNetwork:
         relu = torch.zeros_like(bias)
         relu_neg = torch.zeros_like(bias) if slopes is None else None
         for i in range(depth - 1, -1, -1):
+            if i == 1 and self._shortcut_applies:
+                return self._prefix_shortcut(-nu, bias, relu, relu_neg, slopes)
             layer, in_shape = self.net.layers[i], self.shapes[i]
             bias = bias + (nu.flatten(2) * self.biases[i].flatten()).sum(2)
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
@@ -248,6 +259,57 @@ class DualNetwork:
             if relu_neg is not None:
                 relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(2).sum(2)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def _shortcut_applies(self) -> bool:
+        """Layers 0 and 1 are single convolutions whose unit patches are known (see patches.py)."""
+        return self.order in ("auto", "patches") and len(self.relaxations) >= 1 and conv_prefix(self.net, 1) is not None
+
+    @cached_property
+    def _prefix_terms(self) -> PatchTerms:
+        """The linear patch pass (``alpha = d``) from every unit of the second convolution."""
+        ops = conv_prefix(self.net, 1)
+        assert ops is not None
+        r = self.relaxations[0]
+        return patch_backward(ops, self.shapes[2], [r.upper_slope], [r.lower_unstable], None, 1.0)
+
+    def _prefix_shortcut(
+        self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
+        slopes: list[torch.Tensor] | None,
+    ) -> DualTerms:
+        """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
+
+        Everything but the ReLU term of the first layer is linear in ``nu``, so it is the
+        ``w``-combination of the per-unit patch passes; the first layer's ReLU term needs
+        ``nu`` on its unstable units only (:func:`transpose_at`).  Slopes other than ``d``
+        there add a sparse correction to ``nu_hat_1`` and the bias term.
+        """
+        terms = self._prefix_terms
+        bias = bias + (w.flatten(2) * terms.bias.unsqueeze(1)).sum(2)
+        nu_hat_1 = fold_patches(w, terms, self.shapes[0])
+        r = self.relaxations[0]
+        index, valid = unstable_indices(r.sets.unstable)
+        conv = self.net.layers[1].ops[0]
+        nu_hat_0 = transpose_at(conv, self.shapes[1], -w, index)  # (B, m, K)
+        d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
+        lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+        if slopes is None:
+            nu_0 = d * nu_hat_0
+        else:
+            a = slopes[0].flatten(slopes[0].dim() - len(self.shapes[1]))
+            a = torch.gather(a, a.dim() - 1, index if a.dim() == 2 else index.unsqueeze(1).expand(*a.shape[:2], -1))
+            nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
+            delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
+            dense = delta.new_zeros(*delta.shape[:2], r.lower[0].numel())
+            dense = dense.scatter_add(2, index.unsqueeze(1).expand_as(delta), delta)
+            dense = dense.reshape(*delta.shape[:2], *self.shapes[1])
+            bias = bias + (dense.flatten(2) * self.biases[0].flatten()).sum(2)
+            layer, in_shape = self.net.layers[0], self.shapes[0]
+            nu_hat_1 = nu_hat_1 + _apply_batched(lambda t: layer.transpose(t, in_shape), dense, 2)
+        relu = relu + (lower * nu_0.clamp_min(0)).sum(2)
+        if relu_neg is not None:
+            relu_neg = relu_neg + (lower * (-nu_0).clamp_min(0)).sum(2)
+        return DualTerms(nu_hat_1, bias, relu, relu_neg)
 
     def _value(self, terms: DualTerms, sign: float = 1.0) -> torch.Tensor:
         """``J(sign * c)``; ``sign = -1`` reuses a linear pass (``nu`` flips sign)."""
@@ -310,7 +372,7 @@ class DualNetwork:
             return -sign * terms.bias + patch_box_term(terms, lo, hi, out_hw, sign) + relu
 
         if self.slopes == "fixed":
-            terms = patch_backward(ops, shape, d, low, None, 1.0)
+            terms = self._prefix_terms if i == 1 else patch_backward(ops, shape, d, low, None, 1.0)
             lower, upper = value(terms, 1.0), -value(terms, -1.0)
         else:
             a = self.default_alpha()[:i]
@@ -401,18 +463,27 @@ class _ForwardState:
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
 
+def unstable_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the unstable units of each example, padded to the batch's largest ``|I|``.
+
+    Returns ``(index: (B, K), valid: (B, K))``; padded slots point at unit 0 and are not valid.
+    """
+    flat = mask.flatten(1)
+    k = int(flat.sum(1).max()) if flat.numel() else 0
+    index = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :k]
+    valid = torch.gather(flat, 1, index)
+    return torch.where(valid, index, torch.zeros_like(index)), valid
+
+
 def _unstable_columns(relax: Relaxation) -> tuple[torch.Tensor, torch.Tensor]:
     """One basis column per unstable unit, padded to the batch's largest ``|I|``.
 
     Returns ``(columns: (B, K, *shape), widths: (B, K))`` with ``widths = -d l`` (0 for padding).
     """
-    mask = relax.sets.unstable.flatten(1)
-    batch, n = mask.shape
-    k = int(mask.sum(1).max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
-    valid = torch.gather(mask, 1, order)
+    index, valid = unstable_indices(relax.sets.unstable)
+    batch, n = index.shape[0], relax.lower[0].numel()
     w_all = (-relax.upper_slope * relax.lower_unstable).flatten(1)
-    widths = torch.where(valid, torch.gather(w_all, 1, order), torch.zeros((), dtype=w_all.dtype))
-    columns = torch.zeros(batch, k, n, dtype=w_all.dtype, device=w_all.device)
-    columns.scatter_(2, order.unsqueeze(2), valid.unsqueeze(2).to(w_all.dtype))
-    return columns.reshape(batch, k, *relax.lower.shape[1:]), widths
+    widths = torch.gather(w_all, 1, index) * valid
+    columns = torch.zeros(batch, index.shape[1], n, dtype=w_all.dtype, device=w_all.device)
+    columns.scatter_(2, index.unsqueeze(2), valid.unsqueeze(2).to(w_all.dtype))
+    return columns.reshape(batch, index.shape[1], *relax.lower.shape[1:]), widths

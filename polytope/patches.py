@@ -11,8 +11,10 @@ Algorithm 1 on the paper's MNIST model by an order of magnitude, with the same n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -144,3 +146,78 @@ def patch_box_term(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor, out_hw
     g = (-sign * terms.nu_hat_1).reshape(batch, -1, *centre.shape[1:3], *terms.nu_hat_1.shape[2:])
     value = (g * centre.unsqueeze(1)).flatten(4).sum(4) - (g.abs() * radius.unsqueeze(1)).flatten(4).sum(4)
     return value.reshape(batch, -1)
+
+
+@lru_cache(maxsize=64)
+def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, ...]:
+    """For every input unit of ``op``, the output units and kernel taps that read it.
+
+    Returns ``(out_index, weight_index, valid)``, each ``(n_in, R)`` with ``R`` the most
+    readers of one input unit; ``out_index`` points at a zero slot ``n_out`` where invalid.
+    """
+    m = op.module
+    c_in, h_in, w_in = in_shape
+    c_out, h_out, w_out = out_shape
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = m.kernel_size, m.stride, m.padding
+
+    def taps(n_in: int, n_out: int, k: int, s: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        reach = -(-k // s)
+        i = np.arange(n_in)[:, None]
+        first = (i + p) % s
+        t = first + s * np.arange(reach)[None, :]
+        o = (i + p - t) // s
+        ok = (t < k) & (o >= 0) & (o < n_out)
+        return np.where(ok, o, 0), np.where(ok, t, 0), ok
+
+    oh, th, okh = taps(h_in, h_out, k_h, s_h, p_h)
+    ow, tw, okw = taps(w_in, w_out, k_w, s_w, p_w)
+    co = np.arange(c_out)
+    ci = np.arange(c_in)
+    # axes: (ci, hi, wi, co, rh, rw)
+    out = (co[None, None, None, :, None, None] * h_out + oh[None, :, None, None, :, None]) * w_out \
+        + ow[None, None, :, None, None, :]
+    widx = ((co[None, None, None, :, None, None] * c_in + ci[:, None, None, None, None, None]) * k_h
+            + th[None, :, None, None, :, None]) * k_w + tw[None, None, :, None, None, :]
+    valid = okh[None, :, None, None, :, None] & okw[None, None, :, None, None, :]
+    full = (c_in, h_in, w_in, c_out, oh.shape[1], ow.shape[1])
+    valid = np.broadcast_to(valid, full)
+    n_in = c_in * h_in * w_in
+    out = np.where(valid, np.broadcast_to(out, full), c_out * h_out * w_out).reshape(n_in, -1)
+    widx = np.where(valid, np.broadcast_to(widx, full), 0).reshape(n_in, -1)
+    return torch.from_numpy(out), torch.from_numpy(widx), torch.from_numpy(valid.reshape(n_in, -1).copy())
+
+
+def transpose_at(op: Conv2dOp, in_shape: Shape, nu: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``(W^T nu)`` at selected input units only: ``nu: (B, m, *out_shape)``, ``units: (B, K)``.
+
+    Each input unit is read by at most ``C_out * ceil(k/s)^2`` outputs, so this costs
+    ``O(m K C_out)`` instead of a full transposed convolution.  Returns ``(B, m, K)``.
+    """
+    out_index, weight_index, valid = (t.to(nu.device) for t in _transpose_index(op, in_shape, tuple(nu.shape[2:])))
+    batch, m = nu.shape[:2]
+    k = units.shape[1]
+    rows = out_index[units]  # (B, K, R)
+    weights = op.module.weight.flatten()[weight_index[units]] * valid[units].to(nu.dtype)
+    flat = torch.cat([nu.flatten(2), nu.new_zeros(batch, m, 1)], dim=2)
+    picked = torch.gather(flat, 2, rows.reshape(batch, 1, -1).expand(batch, m, -1)).reshape(batch, m, k, -1)
+    return (picked * weights.unsqueeze(1)).sum(3)
+
+
+def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.Tensor:
+    """``sum_u w_u nu_hat_1(u)``: combine the units' input patches, ``w: (B, m, C, H, W)``.
+
+    Per output position a ``(m x C) @ (C x patch)`` product, then the patches are folded
+    back into the input image.  Returns ``(B, m, *in_shape)``.
+    """
+    batch, m, c, h_o, w_o = w.shape
+    patches = terms.nu_hat_1.reshape(batch, c, h_o * w_o, -1).transpose(1, 2)  # (B, L, C, P)
+    coef = w.reshape(batch, m, c, h_o * w_o).permute(0, 3, 1, 2)  # (B, L, m, C)
+    z = torch.matmul(coef, patches)  # (B, L, m, P)
+    g = terms.geometry
+    z = z.permute(0, 2, 3, 1).reshape(batch * m, -1, h_o * w_o)
+    c_in, h_in, w_in = in_shape
+    full_h = (h_o - 1) * g.stride + g.size
+    full_w = (w_o - 1) * g.stride + g.size
+    img = F.fold(z, (full_h, full_w), g.size, stride=g.stride)
+    img = F.pad(img, (0, max(0, w_in + g.padding - full_w), 0, max(0, h_in + g.padding - full_h)))
+    return img[:, :, g.padding:g.padding + h_in, g.padding:g.padding + w_in].reshape(batch, m, *in_shape)
