@@ -215,7 +215,7 @@ def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.T
     z = torch.matmul(coef, patches)  # (B, L, m, P)
     g = terms.geometry
     z = z.permute(0, 2, 3, 1).reshape(batch * m, -1, h_o * w_o)
-    c_in, h_in, w_in = in_shape
+    _, h_in, w_in = in_shape
     full_h = (h_o - 1) * g.stride + g.size
     full_w = (w_o - 1) * g.stride + g.size
     img = F.fold(z, (full_h, full_w), g.size, stride=g.stride)

@@ -347,7 +347,7 @@ def rasterize(
     input_box: np.ndarray,
     view: np.ndarray,
     bins: int = 400,
-    base: int = 201,
+    base: int = 101,
     max_split: int = 64,
     oversample: float = 1.5,
     chunk: int = 65536,

@@ -416,6 +416,8 @@ def _run_process_pool(
 
 #: How many times a Dask run re-scatters a payload that the cluster lost (all its holders died).
 MAX_PAYLOAD_RESCATTERS = 10
+#: How long (seconds) to wait for workers to come back before re-scattering a lost payload.
+WAIT_FOR_WORKERS_S = 600.0
 
 
 def _run_dask(
@@ -462,6 +464,7 @@ def _run_dask(
 
     try:
         payload_ref, generation = scatter(), 0
+        lost = ""
         pending = as_completed([submit(chunk, payload_ref, generation) for chunk in chunks])
         for fut in pending:
             chunk, fut_generation = futures.pop(fut)
@@ -475,12 +478,16 @@ def _run_dask(
                     yield _Outcome(chunk, df=df)
             elif status == "cancelled" and (fut_generation < generation or payload_ref.status != "finished"):
                 # the payload was lost with its workers: not the chunk's fault
-                if fut_generation == generation and generation < MAX_PAYLOAD_RESCATTERS:
-                    payload_ref, generation = scatter(), generation + 1
+                if fut_generation == generation and generation < MAX_PAYLOAD_RESCATTERS and not lost:
+                    try:
+                        client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+                        payload_ref, generation = scatter(), generation + 1
+                    except Exception as exc:
+                        lost = f"the cluster lost the payload and it could not be sent again: {_describe_error(exc)}"
                 if fut_generation < generation:
                     pending.add(submit(chunk, payload_ref, generation))
                 else:
-                    yield _Outcome(chunk, error=f"the cluster lost the payload {generation + 1} times")
+                    yield _Outcome(chunk, error=lost or f"the cluster lost the payload {generation + 1} times")
             else:
                 try:
                     exc = fut.exception()
