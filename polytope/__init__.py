@@ -22,6 +22,7 @@ from polytope.robust import (
     worst_margin,
 )
 from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.slopes import optimize_slopes
 
 __all__ = [
     "BoxedLinfBall",
@@ -47,6 +48,7 @@ __all__ = [
     "index_sets",
     "margin_bounds",
     "margin_objective",
+    "optimize_slopes",
     "robust_loss",
     "worst_margin",
 ]

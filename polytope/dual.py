@@ -134,8 +134,10 @@ class DualNetwork:
     """Algorithm 1's bounds and Theorem 1's objective for a batch ``x: (B, *in_shape)``.
 
     ``slopes`` picks the lower line of every unstable ReLU, intermediate layers included:
-    ``"fixed"`` (the paper's ``alpha = u/(u-l)``, eq. 8) or ``"adaptive"`` (1 where
-    ``u >= -l``, else 0).  ``order`` picks the contraction order of the bound computation;
+    ``"fixed"`` (the paper's ``alpha = u/(u-l)``, eq. 8), ``"adaptive"`` (1 where
+    ``u >= -l``, else 0), or one tensor per ReLU layer, ``(B, *layer_shape)`` in ``[0, 1]``
+    (any choice is sound; :func:`polytope.slopes.optimize_slopes` searches for good ones).
+    ``order`` picks the contraction order of the bound computation;
     ``"auto"`` takes the cheaper one per layer (forward is only available for fixed slopes).
     """
 
@@ -144,12 +146,12 @@ class DualNetwork:
         net: Network,
         x: torch.Tensor,
         input_set: InputSet,
-        slopes: Slopes = "fixed",
+        slopes: Slopes | list[torch.Tensor] = "fixed",
         order: Order = "auto",
     ) -> None:
-        if slopes not in ("fixed", "adaptive"):
+        if isinstance(slopes, str) and slopes not in ("fixed", "adaptive"):
             raise ValueError(
-                f"slopes must be 'fixed' or 'adaptive' here, got {slopes!r}; "
+                f"slopes must be 'fixed', 'adaptive' or a list of tensors, got {slopes!r}; "
                 "use polytope.optimize_slopes for optimised slopes"
             )
         if order not in ("auto", "forward", "backward", "patches"):
@@ -159,9 +161,16 @@ class DualNetwork:
         self.net = net
         self.x = x
         self.input_set = input_set
-        self.slopes = slopes
+        self.slopes = slopes if isinstance(slopes, str) else "custom"
+        self._custom = None if isinstance(slopes, str) else list(slopes)
         self.order = order
         self.shapes = net.check_input(x)
+        if self._custom is not None:
+            expected = [(x.shape[0], *shape) for shape in self.shapes[1:-1]]
+            if [tuple(a.shape) for a in self._custom] != expected:
+                raise ShapeMismatchError(
+                    f"custom slopes must have shapes {expected}, got {[tuple(a.shape) for a in self._custom]}"
+                )
         self.eps = input_set.validate(x)
         self.biases = [layer.bias(s, x) for layer, s in zip(net.layers, self.shapes[:-1], strict=True)]
         self.relaxations: list[Relaxation] = []
@@ -180,7 +189,7 @@ class DualNetwork:
 
     def default_alpha(self) -> list[torch.Tensor]:
         """The lower slopes this network's mode uses in every ReLU layer."""
-        return [self._mode_slope(r) for r in self.relaxations]
+        return [self._mode_slope(i, r) for i, r in enumerate(self.relaxations)]
 
     def objective(self, c: torch.Tensor, alpha: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Theorem 1's ``J(c, alpha)``: a lower bound on ``min_{x' in S(x)} c^T f(x')``.
@@ -202,7 +211,9 @@ class DualNetwork:
         return self._bounds_backward(len(self.net.layers) - 1)
 
     # -- the dual network -------------------------------------------------------------------
-    def _mode_slope(self, r: Relaxation) -> torch.Tensor:
+    def _mode_slope(self, i: int, r: Relaxation) -> torch.Tensor:
+        if self._custom is not None:
+            return r.lower_slope(self._custom[i].clamp(0, 1))
         if self.slopes == "adaptive":
             return r.lower_slope(r.adaptive_slope())
         return r.upper_slope

@@ -11,6 +11,7 @@ from polytope.dual import DualNetwork, Slopes
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import Network
 from polytope.sets import InputSet
+from polytope.slopes import optimize_slopes
 
 
 def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -70,12 +71,17 @@ def certify(
 ) -> torch.Tensor:
     """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
 
-    ``method`` is ``"dual"`` (the paper's fixed slopes) or ``"adaptive"``.
+    ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"`` or ``"optimized"``
+    (:func:`polytope.slopes.optimize_slopes`, 20 steps).
     """
+    y = _labels(net, x, y)
+    if method == "optimized":
+        n = net.shapes(tuple(x.shape[1:]))[-1][0]
+        margins, _ = optimize_slopes(net, x, input_set, margin_objective(y, n, x.dtype))
+        return certified_by_margins(margins, y)
     slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive"}.get(method)
     if slopes is None:
-        raise ValueError(f"unknown method {method!r}: use 'dual' or 'adaptive'")
-    y = _labels(net, x, y)
+        raise ValueError(f"unknown method {method!r}: use 'dual', 'adaptive' or 'optimized'")
     with torch.no_grad():
         margins = margin_bounds(net, x, y, input_set, slopes)  # type: ignore[arg-type]
     return certified_by_margins(margins, y)

@@ -1,0 +1,145 @@
+"""The exact verification problem as a mixed-integer LP (big-M ReLUs), solved by HiGHS.
+
+Eq. (19) relaxes each unstable ReLU to its convex hull; the exact problem
+``min_{x' in S(x)} c^T f(x')`` keeps it, with one binary ``a`` per unit in ``I``::
+
+    z >= 0,  z >= zhat,  z <= zhat - l (1 - a),  z <= u a,   a in {0, 1}
+
+(valid because ``l <= zhat <= u`` on ``S(x)``; the LP relaxation of these constraints is the
+triangle of eq. 19).  Stable units are handled exactly as in the LP.  The MILP is exponential in
+the number of unstable units, so :class:`ExactMILP` refuses more than ``max_unstable`` of them
+unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import highspy
+import numpy as np
+import torch
+
+from polytope.errors import ShapeMismatchError, SolverError
+from polytope.lp import (
+    BoundsSpec,
+    HighsModel,
+    LPResult,
+    RelaxedLP,
+    add_affine,
+    add_input,
+    add_relu,
+    as_float64,
+    batch_of_one,
+    check_bounds,
+    dual_bounds,
+    extract,
+    relu_sets,
+    solver_options,
+)
+from polytope.network import Network
+from polytope.sets import InputSet
+from polytope.sparse_ops import network_matrices
+
+
+class ExactMILP:
+    """``min_{x' in S(x)} c^T f(x')`` exactly, for one example, by branch and bound in HiGHS.
+
+    Args:
+        net, x, input_set: as for :class:`~polytope.lp.RelaxedLP` (l_inf, boxed l_inf, l_1).
+        bounds: ``None`` or ``"dual"`` (Algorithm 1), ``"lp-all"`` (LP-tightened: fewer
+            binaries, smaller big-M), or one valid ``(l, u)`` pair per ReLU layer.
+        time_limit: seconds per solve; on timeout the status is ``"time_limit"`` and ``bound``
+            still holds the proven lower bound.
+        max_unstable: refuse (:class:`SolverError`) networks with more unstable units than this,
+            unless ``force``.
+        mip_rel_gap, mip_abs_gap: optimality gaps (tiny by default: the value is exact up to them).
+    """
+
+    def __init__(
+        self,
+        net: Network,
+        x: Any,
+        input_set: InputSet,
+        bounds: BoundsSpec | None = None,
+        time_limit: float | None = None,
+        max_unstable: int = 200,
+        force: bool = False,
+        mip_rel_gap: float = 1e-9,
+        mip_abs_gap: float = 1e-9,
+        feasibility_tolerance: float = 1e-9,
+        highs_options: dict[str, Any] | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        self.net = as_float64(net)
+        self.x = batch_of_one(self.net, x)
+        self.shapes = self.net.shapes(tuple(self.x.shape[1:]))
+        input_set.validate(self.x)
+        self.time_limit = time_limit
+        self.bounds = self._bounds(bounds, input_set)
+        self.n_unstable = [int(relu_sets(lo, up)[2].sum()) for lo, up in self.bounds]
+        total = sum(self.n_unstable)
+        if total > max_unstable and not force:
+            raise SolverError(
+                f"the MILP would need {total} binaries (unstable units per layer: {self.n_unstable}), "
+                f"more than max_unstable={max_unstable}; branch and bound is exponential in this number. "
+                "Pass force=True to try anyway, or tighter bounds (bounds='lp-all')."
+            )
+        options = solver_options(feasibility_tolerance, feasibility_tolerance, highs_options)
+        options.update(
+            {"mip_rel_gap": mip_rel_gap, "mip_abs_gap": mip_abs_gap, "mip_feasibility_tolerance": feasibility_tolerance}
+        )
+        self.model = HighsModel(options)
+        affines = network_matrices(self.net, self.shapes[0])
+        self.cols = add_input(self.model, self.x[0].flatten().numpy(), input_set, self.x)
+        for affine, (lo, up) in zip(affines[:-1], self.bounds, strict=True):
+            add_affine(self.model, self.cols, affine)
+            add_relu(self.model, self.cols, lo, up, exact=True)
+        add_affine(self.model, self.cols, affines[-1])
+        self.build_seconds = time.perf_counter() - start
+
+    def _bounds(self, bounds: BoundsSpec | None, input_set: InputSet) -> list[tuple[np.ndarray, np.ndarray]]:
+        if bounds is None or bounds == "dual":
+            return dual_bounds(self.net, self.x, input_set)[1]
+        if bounds == "lp-all":
+            return RelaxedLP(self.net, self.x, input_set, bounds="lp-all", time_limit=self.time_limit).bounds
+        if isinstance(bounds, str):
+            raise ValueError(f"bounds must be None, 'dual', 'lp-all' or a list of (l, u), got {bounds!r}")
+        return check_bounds(bounds, self.shapes)
+
+    @property
+    def n_out(self) -> int:
+        return self.shapes[-1][0]
+
+    def solve(self, c: Any, cutoff: float | None = None) -> LPResult:
+        """Minimise ``c^T f(x')`` over ``S(x)`` exactly.
+
+        ``cutoff`` (optional) stops early around a threshold ``t``: branches whose bound
+        exceeds ``t`` are pruned (status ``"cutoff"`` when no solution below ``t`` exists --
+        ``bound >= t`` is then proven), and the search stops at the first solution with
+        objective ``<= t`` (status ``"target"``; ``z_in`` is that counterexample).  In both
+        cases ``value`` is NaN: it is not the minimum.
+        """
+        c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
+        if c_np.size != self.n_out:
+            raise ShapeMismatchError(f"c must have {self.n_out} entries, got {c_np.size}")
+        h = self.model.h
+        h.setOptionValue("objective_bound", highspy.kHighsInf if cutoff is None else float(cutoff))
+        h.setOptionValue("objective_target", -highspy.kHighsInf if cutoff is None else float(cutoff))
+        self.model.set_objective(self.cols.zhat[-1], c_np)
+        status, seconds, message = self.model.run(self.time_limit, warm=False)
+        info = h.getInfo()
+        bound = float(info.mip_dual_bound)
+        if status == "optimal":
+            bound = min(bound, self.model.objective_value())
+        elif status == "cutoff" and cutoff is not None:
+            bound = max(bound, float(cutoff)) if math.isfinite(bound) else float(cutoff)
+        if not math.isfinite(bound) or status in ("infeasible", "error"):
+            bound = math.nan
+        has_point = int(info.primal_solution_status) == 2  # kSolutionStatusFeasible
+        if not has_point:
+            return LPResult(math.nan, status, None, seconds, message, bound)
+        z_in, z_out, layers = extract(self.model.values(), self.cols)
+        value = self.model.objective_value() if status == "optimal" else math.nan
+        return LPResult(value, status, z_out, seconds, message, bound, z_in, layers, int(info.mip_node_count))
