@@ -185,6 +185,7 @@ class HighsModel:
             if self.h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
                 raise SolverError(f"HiGHS rejected option {name}={value!r}")
         self.n_cols = 0
+        self.n_rows = 0
         self._cost_cols = np.empty(0, dtype=np.int32)
 
     def add_cols(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -194,8 +195,14 @@ class HighsModel:
         if n:
             self._check(
                 self.h.addCols(
-                    n, np.zeros(n), np.asarray(lower, float), np.asarray(upper, float), 0,
-                    np.zeros(n, dtype=np.int32), np.empty(0, dtype=np.int32), np.empty(0),
+                    n,
+                    np.zeros(n),
+                    np.asarray(lower, float),
+                    np.asarray(upper, float),
+                    0,
+                    np.zeros(n, dtype=np.int32),
+                    np.empty(0, dtype=np.int32),
+                    np.empty(0),
                 ),
                 "addCols",
             )
@@ -210,11 +217,15 @@ class HighsModel:
 
     def add_rows(
         self, lower: np.ndarray, upper: np.ndarray, blocks: Sequence[tuple[np.ndarray, sp.spmatrix]]
-    ) -> None:
-        """Add rows ``lower <= sum_b M_b x[cols_b] <= upper``; ``blocks`` are ``(cols_b, M_b)``."""
+    ) -> np.ndarray:
+        """Add rows ``lower <= sum_b M_b x[cols_b] <= upper``; ``blocks`` are ``(cols_b, M_b)``.
+
+        Returns the new rows' indices.
+        """
         n = int(lower.size)
+        idx = np.arange(self.n_rows, self.n_rows + n, dtype=np.int32)
         if not n:
-            return
+            return idx
         rows, cols, vals = [], [], []
         for col_idx, mat in blocks:
             coo = sp.coo_matrix(mat)
@@ -227,11 +238,18 @@ class HighsModel:
         csr.sum_duplicates()
         self._check(
             self.h.addRows(
-                n, np.asarray(lower, float), np.asarray(upper, float), int(csr.nnz),
-                csr.indptr[:-1].astype(np.int32), csr.indices.astype(np.int32), csr.data.astype(float),
+                n,
+                np.asarray(lower, float),
+                np.asarray(upper, float),
+                int(csr.nnz),
+                csr.indptr[:-1].astype(np.int32),
+                csr.indices.astype(np.int32),
+                csr.data.astype(float),
             ),
             "addRows",
         )
+        self.n_rows += n
+        return idx
 
     def set_objective(self, cols: np.ndarray, costs: np.ndarray) -> None:
         """Make ``costs @ x[cols]`` the (minimised) objective, clearing the previous one."""
@@ -281,6 +299,8 @@ class NetworkColumns:
     input: np.ndarray
     zhat: list[np.ndarray] = field(default_factory=list)
     z: list[np.ndarray] = field(default_factory=list)
+    unstable: list[np.ndarray] = field(default_factory=list)
+    lower_rows: list[np.ndarray] = field(default_factory=list)
     binaries: list[np.ndarray] = field(default_factory=list)
 
 
@@ -340,13 +360,13 @@ def add_relu(
     zeros_pos = np.zeros(pos.size)
     model.add_rows(zeros_pos, zeros_pos, [(z, sel_pos), (zhat, -sel_pos)])  # z = zhat on I+
     n_u = unst.size
-    model.add_rows(np.zeros(n_u), np.full(n_u, _INF), [(z, sel_unst), (zhat, -sel_unst)])  # z >= zhat
+    rows = model.add_rows(np.zeros(n_u), np.full(n_u, _INF), [(z, sel_unst), (zhat, -sel_unst)])  # z >= zhat
+    cols.unstable.append(unst)
+    cols.lower_rows.append(rows)
     l_u, u_u = lower[unst], upper[unst]
     if not exact:
         d = u_u / (u_u - l_u)
-        model.add_rows(
-            np.full(n_u, -_INF), -d * l_u, [(z, sel_unst), (zhat, -sp.diags(d) @ sel_unst)]
-        )
+        model.add_rows(np.full(n_u, -_INF), -d * l_u, [(z, sel_unst), (zhat, -sp.diags(d) @ sel_unst)])
         cols.binaries.append(np.empty(0, dtype=np.int32))
         return z
     a = model.add_cols(np.zeros(n_u), np.ones(n_u))
@@ -485,6 +505,32 @@ class RelaxedLP:
             status, more, message = self.model.run(self.time_limit, warm=False)
             seconds += more
         return self._result(status, seconds, message)
+
+    def alpha_from_duals(self) -> list[torch.Tensor]:
+        """The lower slopes that the last optimal solve's LP dual certifies, one tensor per layer.
+
+        On an unstable unit the lower envelope ``z >= max(0, zhat)`` enters the LP as the two
+        constraints ``z >= 0`` (multiplier ``mu_0``, the reduced cost of ``z``) and
+        ``z >= zhat`` (``mu_1``); their combination is the single line ``z >= alpha zhat`` with
+        ``alpha = mu_1 / (mu_0 + mu_1)``.  With these slopes Theorem 1's ``J`` equals the LP
+        optimum (strong duality), so this is the exact maximiser that :func:`optimize_alpha`
+        approaches.  Units without active lower constraints get ``u/(u-l)``.  Shaped
+        ``(1, *layer_shape)``.
+        """
+        sol = self.model.h.getSolution()
+        col_dual = np.asarray(sol.col_dual, dtype=float)
+        row_dual = np.asarray(sol.row_dual, dtype=float)
+        out = []
+        for (lo, up), z, unst, rows, shape in zip(
+            self.bounds, self.cols.z, self.cols.unstable, self.cols.lower_rows, self.shapes[1:-1], strict=True
+        ):
+            alpha = np.where(relu_sets(lo, up)[2], up / np.where(up > lo, up - lo, 1.0), 0.0)
+            mu0 = np.abs(col_dual[z[unst]])
+            mu1 = np.abs(row_dual[rows])
+            total = mu0 + mu1
+            alpha[unst] = np.where(total > 0, mu1 / np.where(total > 0, total, 1.0), alpha[unst])
+            out.append(torch.from_numpy(np.clip(alpha, 0.0, 1.0)).reshape(1, *shape))
+        return out
 
     def solve_many(self, C: Any, warm_start: bool | None = None) -> list[LPResult]:
         """:meth:`solve` for every row of ``C: (m, n_out)``, reusing the basis between rows."""
@@ -719,3 +765,129 @@ def optimize_alpha(
             for p in params:
                 p.clamp_(0.0, 1.0)
     return best_j, [a.clone() for a in best_alpha]
+
+
+# ---------------------------------------------------------------------------------------------
+# A tightness table: dual J, optimised J, LP, LP-all and MILP per target
+# ---------------------------------------------------------------------------------------------
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _solve_rows(prefix: str, solver: Any, cs: torch.Tensor, build_seconds: float) -> list[dict[str, Any]]:
+    """``{prefix, prefix_status, prefix_seconds, prefix_build_seconds}`` for each objective."""
+    rows = []
+    for c in cs:
+        r = solver.solve(c)
+        rows.append(
+            {
+                prefix: r.value,
+                f"{prefix}_status": r.status,
+                f"{prefix}_seconds": r.seconds,
+                f"{prefix}_build_seconds": build_seconds,
+            }
+        )
+    return rows
+
+
+def _skipped(prefix: str, status: str, n: int) -> list[dict[str, Any]]:
+    return [{prefix: math.nan, f"{prefix}_status": status, f"{prefix}_seconds": math.nan} for _ in range(n)]
+
+
+def tightness_rows(
+    net: Network,
+    x: Any,
+    y: int,
+    input_set: InputSet,
+    targets: Sequence[int] | None = None,
+    lp_all: bool = False,
+    milp: bool = False,
+    alpha_steps: int = 0,
+    time_limit: float | None = None,
+    milp_max_unstable: int = 200,
+) -> list[dict[str, Any]]:
+    """Compare the bounds on ``f_y - f_j`` (``c = e_y - e_j``) for one example, one row per target.
+
+    Each row holds ``target``, ``label``, ``n_unstable`` and, for ``dual`` (Theorem 1 with
+    ``alpha = u/(u-l)``), ``alpha`` (:func:`optimize_alpha`, if ``alpha_steps > 0``), ``lp``
+    (eq. 19, dual bounds), ``lp_all`` (eq. 19, LP-tightened bounds, if ``lp_all``) and ``milp``
+    (exact, if ``milp``): the value (NaN unless solved to optimality or not run), a
+    ``*_status`` and ``*_seconds``.  Solver rows also carry ``*_build_seconds``: the one-off
+    cost of building the model (and, for ``lp_all``, of the bound LPs) for this example.
+    Batched methods (dual, alpha) report their batch time divided by the number of targets.
+    Expect ``dual <= alpha <= lp <= lp_all <= milp`` up to solver tolerances.
+    """
+    net64 = as_float64(net)
+    x64 = batch_of_one(net64, x)
+    n_out = net64.shapes(tuple(x64.shape[1:]))[-1][0]
+    y = int(y)
+    if not 0 <= y < n_out:
+        raise ShapeMismatchError(f"label {y} is not a class of a network with {n_out} outputs")
+    targets = [j for j in range(n_out) if j != y] if targets is None else [int(j) for j in targets]
+    eye = torch.eye(n_out, dtype=torch.float64)
+    cs = torch.stack([eye[y] - eye[j] for j in targets]) if targets else torch.zeros(0, n_out, dtype=torch.float64)
+    m = max(len(targets), 1)
+
+    (dual, j_dual), t_dual = _timed(lambda: _dual_objective(net64, x64, input_set, cs))
+    rows: list[dict[str, Any]] = [
+        {"target": j, "label": y, "dual": float(v), "dual_status": "optimal", "dual_seconds": t_dual / m}
+        for j, v in zip(targets, j_dual, strict=True)
+    ]
+    if alpha_steps > 0:
+        (j_alpha, _), t_alpha = _timed(lambda: optimize_alpha(dual, cs.unsqueeze(0), steps=alpha_steps))
+        extra = [
+            {"alpha": float(v), "alpha_status": "optimal", "alpha_seconds": t_alpha / m} for v in j_alpha[0].detach()
+        ]
+    else:
+        extra = _skipped("alpha", "skipped", len(targets))
+    _merge(rows, extra)
+
+    lp, t_build = _timed(lambda: RelaxedLP(net64, x64, input_set, time_limit=time_limit))
+    for row in rows:
+        row["n_unstable"] = sum(lp.n_unstable)
+    _merge(rows, _solve_rows("lp", lp, cs, t_build))
+    if lp_all:
+        lp2, t_build2 = _timed(lambda: RelaxedLP(net64, x64, input_set, bounds="lp-all", time_limit=time_limit))
+        _merge(rows, _solve_rows("lp_all", lp2, cs, t_build2))
+    else:
+        _merge(rows, _skipped("lp_all", "skipped", len(targets)))
+    _merge(rows, _milp_rows(net64, x64, input_set, cs, milp, time_limit, milp_max_unstable))
+    return rows
+
+
+def _dual_objective(
+    net64: Network, x64: torch.Tensor, input_set: InputSet, cs: torch.Tensor
+) -> tuple[DualNetwork, torch.Tensor]:
+    with torch.no_grad():
+        dual = DualNetwork(net64, x64, input_set)
+        values = dual.objective(cs.unsqueeze(0))[0] if cs.shape[0] else torch.zeros(0, dtype=torch.float64)
+    return dual, values
+
+
+def _milp_rows(
+    net64: Network,
+    x64: torch.Tensor,
+    input_set: InputSet,
+    cs: torch.Tensor,
+    run: bool,
+    time_limit: float | None,
+    max_unstable: int,
+) -> list[dict[str, Any]]:
+    if not run:
+        return _skipped("milp", "skipped", cs.shape[0])
+    from polytope.milp import ExactMILP
+
+    try:
+        milp, t_build = _timed(
+            lambda: ExactMILP(net64, x64, input_set, time_limit=time_limit, max_unstable=max_unstable)
+        )
+    except SolverError:
+        return _skipped("milp", "refused", cs.shape[0])
+    return _solve_rows("milp", milp, cs, t_build)
+
+
+def _merge(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> None:
+    for row, more in zip(rows, extra, strict=True):
+        row.update(more)

@@ -130,16 +130,31 @@ class ExactMILP:
         self.model.set_objective(self.cols.zhat[-1], c_np)
         status, seconds, message = self.model.run(self.time_limit, warm=False)
         info = h.getInfo()
-        bound = float(info.mip_dual_bound)
-        if status == "optimal":
-            bound = min(bound, self.model.objective_value())
-        elif status == "cutoff" and cutoff is not None:
-            bound = max(bound, float(cutoff)) if math.isfinite(bound) else float(cutoff)
-        if not math.isfinite(bound) or status in ("infeasible", "error"):
-            bound = math.nan
+        dual_bound = float(info.mip_dual_bound)
         has_point = int(info.primal_solution_status) == 2  # kSolutionStatusFeasible
-        if not has_point:
+        if cutoff is not None:
+            status, bound, message = _cutoff_outcome(status, dual_bound, float(cutoff), message)
+        elif status == "optimal":
+            bound = min(dual_bound, self.model.objective_value())
+        else:
+            bound = dual_bound if status == "time_limit" and math.isfinite(dual_bound) else math.nan
+        if not has_point or status == "cutoff":
             return LPResult(math.nan, status, None, seconds, message, bound)
         z_in, z_out, layers = extract(self.model.values(), self.cols)
         value = self.model.objective_value() if status == "optimal" else math.nan
         return LPResult(value, status, z_out, seconds, message, bound, z_in, layers, int(info.mip_node_count))
+
+
+def _cutoff_outcome(status: str, dual_bound: float, cutoff: float, message: str) -> tuple[str, float, str]:
+    """Read a HiGHS run with ``objective_bound = objective_target = cutoff``.
+
+    HiGHS discards every branch whose bound reaches the cutoff, so a search that ends without
+    reaching the target -- reported as optimal (with a value that is *not* the minimum),
+    infeasible or objective-bound -- proves ``min >= cutoff``.
+    """
+    if status == "target":
+        return status, math.nan, f"found a point with objective <= {cutoff} ({message})"
+    if status in ("optimal", "infeasible", "cutoff"):
+        return "cutoff", cutoff, f"no point with objective below {cutoff} ({message})"
+    bound = min(dual_bound, cutoff) if status == "time_limit" and math.isfinite(dual_bound) else math.nan
+    return status, bound, message

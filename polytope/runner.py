@@ -39,6 +39,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -449,8 +450,16 @@ def _run_dask(
     run_id = uuid.uuid4().hex[:8]
     n_submitted = 0
 
-    def scatter() -> Any:
-        return client.scatter([payload], broadcast=True, hash=False)[0]
+    def scatter(wait_s: float = 0.0) -> Any:
+        """Broadcast the payload; retry for up to ``wait_s`` seconds while no worker is up."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return client.scatter([payload], broadcast=True, hash=False)[0]
+            except (TimeoutError, OSError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
 
     def submit(chunk: tuple[int, ...], ref: Any, generation: int) -> Any:
         nonlocal n_submitted
@@ -480,8 +489,7 @@ def _run_dask(
                 # the payload was lost with its workers: not the chunk's fault
                 if fut_generation == generation and generation < MAX_PAYLOAD_RESCATTERS and not lost:
                     try:
-                        client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
-                        payload_ref, generation = scatter(), generation + 1
+                        payload_ref, generation = scatter(wait_s=WAIT_FOR_WORKERS_S), generation + 1
                     except Exception as exc:
                         lost = f"the cluster lost the payload and it could not be sent again: {_describe_error(exc)}"
                 if fut_generation < generation:

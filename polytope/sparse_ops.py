@@ -89,9 +89,7 @@ def conv2d_matrix(op: Conv2dOp, in_shape: Shape) -> SparseAffine:
     cols = np.broadcast_to((c * h_in + iy) * w_in + ix, full)[inside]
     vals = np.broadcast_to(weight[:, :, :, :, None, None], full)[inside]
     keep = vals != 0
-    matrix = sp.csr_matrix(
-        (vals[keep], (rows[keep], cols[keep])), shape=(numel(out_shape), numel(in_shape))
-    )
+    matrix = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(numel(out_shape), numel(in_shape)))
     bias = _numpy(m.bias)
     flat_bias = np.zeros(numel(out_shape)) if bias is None else np.repeat(bias, h_out * w_out)
     return SparseAffine(matrix, flat_bias, in_shape, out_shape)
@@ -109,9 +107,7 @@ def batchnorm_matrix(op: BatchNormOp, in_shape: Shape) -> SparseAffine:
     scale, shift = _numpy(scale_t), _numpy(shift_t)
     per_channel = numel(in_shape[1:])
     diag = np.repeat(scale, per_channel)
-    return SparseAffine(
-        sp.diags(diag, format="csr"), np.repeat(shift, per_channel), in_shape, op.out_shape(in_shape)
-    )
+    return SparseAffine(sp.diags(diag, format="csr"), np.repeat(shift, per_channel), in_shape, op.out_shape(in_shape))
 
 
 def op_matrix(op: Op, in_shape: Shape) -> SparseAffine:
