@@ -13,6 +13,7 @@ COMMANDS = (
     "polytope.commands.certify",
     "polytope.commands.data",
     "polytope.commands.reproduce",
+    "polytope.commands.tightness",
     "polytope.commands.train",
 )
 
