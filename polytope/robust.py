@@ -71,17 +71,26 @@ def certify(
 ) -> torch.Tensor:
     """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
 
-    ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"`` or ``"optimized"``
-    (:func:`polytope.slopes.optimize_slopes`, 20 steps).
+    ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
+    (:func:`polytope.slopes.optimize_slopes`, 20 steps), ``"lp"``, ``"lp-all"``, ``"milp"``
+    (each alone) or ``"cascade"`` (all rungs, cheapest first; see :mod:`polytope.cascade`).
     """
     y = _labels(net, x, y)
+    if method in ("lp", "lp-all", "milp", "cascade"):
+        from polytope.cascade import RUNGS, Cascade
+
+        rungs = RUNGS if method == "cascade" else (method,)
+        verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))
+        return torch.tensor([v.verdict == "certified" for v in verdicts], device=x.device)
     if method == "optimized":
         n = net.shapes(tuple(x.shape[1:]))[-1][0]
         margins, _ = optimize_slopes(net, x, input_set, margin_objective(y, n, x.dtype))
         return certified_by_margins(margins, y)
     slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive"}.get(method)
     if slopes is None:
-        raise ValueError(f"unknown method {method!r}: use 'dual', 'adaptive' or 'optimized'")
+        raise ValueError(
+            f"unknown method {method!r}: use 'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'milp' or 'cascade'"
+        )
     with torch.no_grad():
         margins = margin_bounds(net, x, y, input_set, slopes)  # type: ignore[arg-type]
     return certified_by_margins(margins, y)

@@ -11,16 +11,20 @@ the example is certified exactly when it is positive.  Runs are resumable (see
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
+from polytope.cascade import RUNGS, Cascade, Verdict
 from polytope.commands import common
 from polytope.network import Network
-from polytope.robust import worst_margin
+from polytope.robust import margin_objective, worst_margin
 from polytope.runner import (
     RunSpec,
     add_runner_arguments,
@@ -30,6 +34,10 @@ from polytope.runner import (
     run_kwargs_from_args,
     write_csv,
 )
+from polytope.sets import InputSet
+from polytope.slopes import optimize_slopes
+
+SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,20 +50,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_data_arguments(parser)
     common.add_set_arguments(parser)
     common.add_device_arguments(parser)
-    parser.add_argument("--method", default="dual", choices=("dual", "adaptive"),
-                        help="dual: the paper's slopes alpha = u/(u-l); adaptive: 1 where u >= -l, else 0")
+    parser.add_argument("--method", default="dual", choices=("dual", "adaptive", "optimized", *SOLVER_METHODS),
+                        help="dual: the paper's slopes alpha = u/(u-l); adaptive: 1 where u >= -l, else 0; "
+                             "optimized: all layers' slopes by gradient ascent; lp, lp-all, milp: exact solvers; "
+                             "cascade: attack, then each rung in turn while undecided")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per LP/MIP solve (default: 60)")
+    parser.add_argument("--counterexamples", default=None, metavar="DIR",
+                        help="save every verified counterexample as DIR/<index>.npz (solver methods)")
     add_runner_arguments(parser)
     parser.set_defaults(handler=run_certify)
     return parser
 
 
+def _save_counterexample(directory: str, verdict: Verdict) -> None:
+    path = Path(directory) / f"{verdict.index}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x_adv=verdict.counterexample, label=verdict.label, rung=verdict.rung)
+    os.replace(tmp, path)
+
+
+def cascade_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
+    """Rows of ``certify --method lp|lp-all|milp|cascade``: one verdict per example."""
+    net = Network.from_torch(payload["model"])
+    method = payload["method"]
+    rungs = RUNGS if method == "cascade" else (method,)
+    cascade = Cascade(net, payload["input_set"], rungs=rungs, time_limit=payload["time_limit"])
+    rows = []
+    batch = payload["batch_size"]
+    for start in range(0, len(indices), batch):
+        idx = indices[start:start + batch]
+        x, y = payload["x"][idx], payload["y"][idx]
+        with torch.no_grad():
+            pred = net.forward(x).argmax(1).tolist()
+        for v, p in zip(cascade.run(x, y, idx), pred, strict=True):
+            if v.counterexample is not None and payload["counterexamples"]:
+                _save_counterexample(payload["counterexamples"], v)
+            rows.append({**v.row(), "prediction": p, "correct": p == v.label, "certified": v.verdict == "certified"})
+    return pd.DataFrame(rows)
+
+
 def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     """Rows of :mod:`polytope.commands.certify` for the examples ``indices``."""
+    if payload["method"] in SOLVER_METHODS:
+        return cascade_chunk(payload, indices)
     device = payload["device"]
     seq = payload["model"].to(device)
     net = Network.from_torch(seq)
     x_all, y_all = payload["x"], payload["y"]
-    slopes = "fixed" if payload["method"] == "dual" else "adaptive"
     rows = []
     batch = payload["batch_size"]
     for start in range(0, len(indices), batch):
@@ -64,12 +106,22 @@ def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
         t0 = time.perf_counter()
         with torch.no_grad():
             pred = net.forward(x).argmax(1)
-            margin = worst_margin(net, x, y, payload["input_set"], slopes=slopes)
+        margin = _worst_margin(net, x, y, payload["input_set"], payload["method"])
         seconds = (time.perf_counter() - t0) / len(idx)
         for i, lab, p, m in zip(idx.tolist(), y.tolist(), pred.tolist(), margin.tolist(), strict=True):
             rows.append({"index": i, "label": lab, "prediction": p, "correct": lab == p,
                          "certified": m > 0, "margin_lower": m, "seconds": seconds})
     return pd.DataFrame(rows)
+
+
+def _worst_margin(net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, method: str) -> torch.Tensor:
+    """``min_{j != y}`` of the margin lower bounds of ``method`` (dual, adaptive, optimized)."""
+    if method == "optimized":
+        c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
+        margins, _ = optimize_slopes(net, x, input_set, c)
+        return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
+    with torch.no_grad():
+        return worst_margin(net, x, y, input_set, slopes="fixed" if method == "dual" else "adaptive")
 
 
 def run_certify(args: argparse.Namespace) -> int:
@@ -81,11 +133,13 @@ def run_certify(args: argparse.Namespace) -> int:
     spec = RunSpec(
         command="certify", model_hash=model_hash(seq), data=f"{args.data}:{args.split}", eps=args.eps,
         options={"norm": args.norm, "clip": args.clip, "method": args.method,
-                 "dtype": "float64" if args.float64 else "float32"},
+                 "dtype": "float64" if args.float64 else "float32",
+                 "time_limit": args.time_limit if args.method in SOLVER_METHODS else None},
         n_examples=len(x), chunk_size=max(args.chunk_size, args.batch_size),
     )
     payload = {"model": seq.cpu(), "x": x.cpu(), "y": y.cpu(), "input_set": input_set, "device": device,
-               "method": args.method, "batch_size": args.batch_size}
+               "method": args.method, "batch_size": args.batch_size, "time_limit": args.time_limit,
+               "counterexamples": args.counterexamples}
     df = run(spec, certify_chunk, payload=payload, **run_kwargs_from_args(args))
     if args.out is not None:
         write_csv(df, args.out)
@@ -94,4 +148,8 @@ def run_certify(args: argparse.Namespace) -> int:
     robust = 100.0 * (~(df["certified"] & df["correct"])).sum() / max(n, 1)
     print(f"examples: {n}  clean error: {clean:.2f}%  robust error bound: {robust:.2f}%  "
           f"not certified: {int((~(df['certified'] & df['correct'])).sum())}", file=sys.stdout)
+    if "verdict" in df:
+        counts = ", ".join(f"{k}: {v}" for k, v in df["verdict"].value_counts().items())
+        rungs = ", ".join(f"{k}: {v}" for k, v in df["rung"].value_counts().items())
+        print(f"verdicts: {counts}; deciding rungs: {rungs}", file=sys.stdout)
     return 0
