@@ -110,13 +110,20 @@ def patch_backward(
     weight = last.module.weight
     units = c_out * h_o * w_o
     # nu_{i+1} = -sign e_u, so nu_hat_i = -sign W^T e_u: the kernel of channel c, at every (h, w).
-    nu_hat = (-sign * weight)[None, :, None, None].expand(batch, c_out, h_o, w_o, *weight.shape[1:])
+    kernel = -sign * weight
+    nu_hat = kernel[None, :, None, None].expand(batch, c_out, h_o, w_o, *weight.shape[1:])
     bias = (-sign * _channel_bias(last, weight)).reshape(1, c_out, 1, 1).expand(batch, c_out, h_o, w_o)
     bias = bias.reshape(batch, units)
-    relu = torch.zeros_like(bias)
-    relu_neg = torch.zeros_like(bias) if lower_slopes is None else None
     k, s, p = last.module.kernel_size[0], last.module.stride[0], last.module.padding[0]
     geometry = PatchGeometry(k, s, p)
+    # The first ReLU below: nu_hat is the kernel itself, so the ReLU and bias terms of eq. (6)
+    # are ordinary convolutions of the slope maps with the kernel's positive/negative parts.
+    j = len(ops) - 2
+    relu, relu_neg, first_bias = _first_relu_terms(last, kernel, upper_slopes[j], lower_unstable[j],
+                                                   None if lower_slopes is None else lower_slopes[j],
+                                                   _channel_bias(ops[j], weight))
+    bias = bias + first_bias.reshape(batch, units)
+    relu, relu_neg = relu.reshape(batch, units), None if relu_neg is None else relu_neg.reshape(batch, units)
     for j in range(len(ops) - 2, -1, -1):
         d = geometry.unfold(upper_slopes[j], (h_o, w_o)).unsqueeze(1)
         if lower_slopes is None:
@@ -124,17 +131,40 @@ def patch_backward(
         else:
             a = geometry.unfold(lower_slopes[j], (h_o, w_o)).unsqueeze(1)
             nu = torch.where(nu_hat >= 0, d, a) * nu_hat
-        lower = geometry.unfold(lower_unstable[j], (h_o, w_o)).unsqueeze(1)
-        relu = relu + (lower * nu.clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
-        if relu_neg is not None:
-            relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
-        bias = bias + torch.einsum("bchwkxy,k->bchw", nu, _channel_bias(ops[j], nu)).reshape(batch, units)
+        if j < len(ops) - 2:
+            lower = geometry.unfold(lower_unstable[j], (h_o, w_o)).unsqueeze(1)
+            relu = relu + (lower * nu.clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
+            if relu_neg is not None:
+                relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
+            bias = bias + torch.einsum("bchwkxy,k->bchw", nu, _channel_bias(ops[j], nu)).reshape(batch, units)
         op = ops[j]
-        flat = nu.reshape(-1, *nu.shape[4:])
-        nu_hat = F.conv_transpose2d(flat, op.module.weight, None, op.module.stride)
-        nu_hat = nu_hat.reshape(batch, c_out, h_o, w_o, *nu_hat.shape[1:])
         geometry = geometry.through(op)
+        nu_hat = (nu.flatten(4) @ _patch_transpose_matrix(op, tuple(nu.shape[4:]))).reshape(
+            batch, c_out, h_o, w_o, op.module.in_channels, geometry.size, geometry.size
+        )
     return PatchTerms(nu_hat.reshape(batch, units, *nu_hat.shape[4:]), geometry, bias, relu, relu_neg)
+
+
+def _first_relu_terms(
+    conv: Conv2dOp, kernel: torch.Tensor, d: torch.Tensor, lower: torch.Tensor, a: torch.Tensor | None,
+    bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``sum l [nu]_+``, ``sum l [-nu]_+`` (linear only) and ``sum nu b`` when ``nu_hat`` is ``kernel``.
+
+    With ``nu = d [kernel]_+ - a [kernel]_-`` (``a = d`` when linear) each term is a convolution of
+    a per-unit map with the positive or negative part of the kernel.
+    """
+    m = conv.module
+
+    def conv(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, None, m.stride, m.padding)
+
+    pos, neg = kernel.clamp_min(0), (-kernel).clamp_min(0)
+    b_map = bias.reshape(1, -1, 1, 1)
+    relu = conv(lower * d, pos)
+    if a is None:
+        return relu, conv(lower * d, neg), conv(d * b_map, kernel)
+    return relu, None, conv(d * b_map, pos) - conv(a * b_map, neg)
 
 
 def patch_box_term(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor, out_hw: tuple[int, int],
@@ -195,12 +225,12 @@ def transpose_at(op: Conv2dOp, in_shape: Shape, nu: torch.Tensor, units: torch.T
     """
     out_index, weight_index, valid = (t.to(nu.device) for t in _transpose_index(op, in_shape, tuple(nu.shape[2:])))
     batch, m = nu.shape[:2]
-    k = units.shape[1]
     rows = out_index[units]  # (B, K, R)
     weights = op.module.weight.flatten()[weight_index[units]] * valid[units].to(nu.dtype)
-    flat = torch.cat([nu.flatten(2), nu.new_zeros(batch, m, 1)], dim=2)
-    picked = torch.gather(flat, 2, rows.reshape(batch, 1, -1).expand(batch, m, -1)).reshape(batch, m, k, -1)
-    return (picked * weights.unsqueeze(1)).sum(3)
+    # rows of (B, U + 1, m): each gathered row is m contiguous values (the zero slot is U)
+    table = torch.cat([nu.flatten(2), nu.new_zeros(batch, m, 1)], dim=2).transpose(1, 2)
+    picked = table[torch.arange(batch, device=nu.device)[:, None, None], rows]  # (B, K, R, m)
+    return torch.matmul(weights.unsqueeze(2), picked).squeeze(2).transpose(1, 2)
 
 
 def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.Tensor:
