@@ -12,6 +12,7 @@ from polytope.errors import PolytopeError
 COMMANDS = (
     "polytope.commands.certify",
     "polytope.commands.data",
+    "polytope.commands.radius",
     "polytope.commands.reproduce",
     "polytope.commands.tightness",
     "polytope.commands.train",

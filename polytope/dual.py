@@ -311,7 +311,7 @@ class DualNetwork:
             a = torch.gather(a, a.dim() - 1, index if a.dim() == 2 else index.unsqueeze(1).expand(*a.shape[:2], -1))
             nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
             delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
-            dense = delta.new_zeros(*delta.shape[:2], r.lower[0].numel())
+            dense = delta.new_zeros(*delta.shape[:2], numel(self.shapes[1]))
             dense = dense.scatter_add(2, index.unsqueeze(1).expand_as(delta), delta)
             dense = dense.reshape(*delta.shape[:2], *self.shapes[1])
             bias = bias + (dense.flatten(2) * self.biases[0].flatten()).sum(2)
@@ -407,7 +407,7 @@ class DualNetwork:
     def _forward_is_cheaper(self, i: int, state: _ForwardState | None) -> bool:
         start = 0 if state is None else state.depth
         n_cols = numel(self.shapes[0]) + sum(
-            int(r.sets.unstable.flatten(1).sum(1).max()) for r in self.relaxations
+            int(r.sets.unstable.flatten(1).sum(1).max()) if r.sets.unstable.numel() else 0 for r in self.relaxations
         )
         forward = n_cols * sum(_layer_cost(self.net.layers[j], self.shapes[j]) for j in range(start, i + 1))
         backward = numel(self.shapes[i + 1]) * sum(
@@ -463,7 +463,7 @@ class _ForwardState:
         """``l = const + min_x' A^T x' + sum_j w_j min(M_j, 0)`` and the matching ``u``."""
         batch, shape = x.shape[0], self.const.shape[1:]
         g = self.inputs.expand(batch, *self.inputs.shape[1:]).flatten(2).transpose(1, 2)
-        g = g.reshape(batch, -1, *x.shape[1:])
+        g = g.reshape(batch, numel(shape), *x.shape[1:])
         lower = self.const.flatten(1) + input_set.min_linear(x, g)
         upper = self.const.flatten(1) - input_set.min_linear(x, -g)
         for columns, widths in self.offsets:
@@ -492,7 +492,7 @@ def _unstable_columns(relax: Relaxation) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(columns: (B, K, *shape), widths: (B, K))`` with ``widths = -d l`` (0 for padding).
     """
     index, valid = unstable_indices(relax.sets.unstable)
-    batch, n = index.shape[0], relax.lower[0].numel()
+    batch, n = index.shape[0], numel(relax.lower.shape[1:])
     w_all = (-relax.upper_slope * relax.lower_unstable).flatten(1)
     widths = torch.gather(w_all, 1, index) * valid
     columns = torch.zeros(batch, index.shape[1], n, dtype=w_all.dtype, device=w_all.device)

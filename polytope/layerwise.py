@@ -94,6 +94,13 @@ def first_layer_bounds(net: Network, x: torch.Tensor, input_set: InputSet) -> Bo
         return interval_affine(layer, lo, hi, in_shape)
     out_shape = layer.shapes(in_shape)[-1]
     w = dense_matrix(layer, in_shape, x)  # (n_in, n_out)
+    q = getattr(input_set, "q", None)
+    if q is not None:  # a centred l_p ball: w_j^T x + b_j -+ eps ||w_j||_q, one norm per unit
+        eps = input_set.validate(x)
+        centre = layer.forward(x)
+        norms = torch.linalg.vector_norm(w, ord=q, dim=0).reshape(out_shape)
+        radius = eps.reshape(-1, *([1] * len(out_shape))) * norms
+        return centre - radius, centre + radius
     g = w.T.reshape(1, -1, *in_shape).expand(x.shape[0], -1, *in_shape)
     bias = layer.bias(in_shape, x).flatten()
     lower = input_set.min_linear(x, g) + bias

@@ -261,8 +261,8 @@ class Network:
                         f"layer {index} (ReLU) is not preceded by an affine layer"
                     )
                 layers.append([])
-            elif isinstance(m, nn.Dropout | nn.Identity):
-                if m.training and isinstance(m, nn.Dropout) and m.p > 0:
+            elif isinstance(m, nn.modules.dropout._DropoutNd | nn.Identity):
+                if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
                     raise ModelModeError(
                         f"layer {index} ({kind}) is in training mode; call model.eval() first"
                     )

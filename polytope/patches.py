@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polytope.network import Conv2dOp, Network, Shape
+from polytope.network import Conv2dOp, Network, Shape, numel
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,10 @@ def patch_box_term(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor, out_hw
     centre = terms.geometry.unfold((lo + hi) / 2, out_hw)
     radius = terms.geometry.unfold((hi - lo) / 2, out_hw)
     batch = lo.shape[0]
-    g = (-sign * terms.nu_hat_1).reshape(batch, -1, *centre.shape[1:3], *terms.nu_hat_1.shape[2:])
+    g = (-sign * terms.nu_hat_1).reshape(batch, terms.nu_hat_1.shape[1] // (centre.shape[1] * centre.shape[2]),
+                                         *centre.shape[1:3], *terms.nu_hat_1.shape[2:])
     value = (g * centre.unsqueeze(1)).flatten(4).sum(4) - (g.abs() * radius.unsqueeze(1)).flatten(4).sum(4)
-    return value.reshape(batch, -1)
+    return value.reshape(batch, terms.nu_hat_1.shape[1])
 
 
 @lru_cache(maxsize=64)
@@ -240,11 +241,12 @@ def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.T
     back into the input image.  Returns ``(B, m, *in_shape)``.
     """
     batch, m, c, h_o, w_o = w.shape
-    patches = terms.nu_hat_1.reshape(batch, c, h_o * w_o, -1).transpose(1, 2)  # (B, L, C, P)
+    patches = terms.nu_hat_1.flatten(2).reshape(batch, c, h_o * w_o, numel(terms.nu_hat_1.shape[2:]))
+    patches = patches.transpose(1, 2)  # (B, L, C, P)
     coef = w.reshape(batch, m, c, h_o * w_o).permute(0, 3, 1, 2)  # (B, L, m, C)
     z = torch.matmul(coef, patches)  # (B, L, m, P)
     g = terms.geometry
-    z = z.permute(0, 2, 3, 1).reshape(batch * m, -1, h_o * w_o)
+    z = z.permute(0, 2, 3, 1).reshape(batch * m, patches.shape[-1], h_o * w_o)
     _, h_in, w_in = in_shape
     full_h = (h_o - 1) * g.stride + g.size
     full_w = (w_o - 1) * g.stride + g.size

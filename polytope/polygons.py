@@ -9,9 +9,12 @@ plane:
 * the convex outer polytope ``Z~`` of the relaxed LP (eq. 19, :mod:`polytope.lp`): from LP
   solves in ``K`` directions ``c_k`` (:func:`lp_polygon`), the supporting half-planes
   ``{z : c_k^T z >= LP(c_k)}`` intersect to an *outer* polygon and the optimal points
-  ``z*(c_k)`` span an *inner* one; ``Z~`` lies between the two;
+  ``z*(c_k)`` span an *inner* one; ``Z~`` lies between the two.  Further directions along the
+  inner polygon's edge normals then close the gap (:func:`support_polygon`): once every inner
+  edge is confirmed as a facet, inner = outer = ``Z~`` exactly;
 * the dual polygon (:func:`dual_polygon`): the half-planes ``c_k^T z >= J(c_k)`` of Theorem 1
-  (one batched objective call); ``J <= LP`` so it contains the LP polygon;
+  (one batched objective call; ``grad_c J`` gives the supporting points, refined the same way);
+  ``J <= LP`` so it contains the LP polygon;
 * the naive layerwise box (eqs. 41-42, :mod:`polytope.layerwise`).
 
 Half-planes are intersected by clipping a bounding box successively
@@ -24,8 +27,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -230,8 +233,7 @@ def planar_example(net: Network, x: PointLike) -> torch.Tensor:
     if n_in != 2 or n_out != 2:
         got = f"{n_in or '?'} inputs and {n_out or '?'} outputs"
         raise ShapeMismatchError(
-            f"output polygons need a network with 2 inputs and 2 outputs (a plane to a plane); "
-            f"this network has {got}"
+            f"output polygons need a network with 2 inputs and 2 outputs (a plane to a plane); this network has {got}"
         )
     weight = net.parameters_like()
     t = torch.as_tensor(x).detach().to(dtype=weight.dtype, device=weight.device)
@@ -394,34 +396,134 @@ def rasterize(
     return occupancy
 
 
+Oracle = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, list[str]]]
+
+
 @dataclass(frozen=True)
-class OuterPolygon:
-    """A convex outer bound from support values: ``{z : c_k^T z >= value_k}`` for all ``k``."""
+class SupportPolygon:
+    """A convex set known through its support function ``h(c) = min_{z in Z} c^T z``.
+
+    Every queried direction ``c`` gives a half-plane ``c^T z >= h(c)`` (``halfplanes``; their
+    intersection ``outer`` contains ``Z``) and a minimiser ``z*(c) in Z`` (``points``; their hull
+    ``inner`` lies in ``Z``).  ``converged`` means every edge of ``inner`` was confirmed as a
+    facet of ``Z`` by a query in its normal direction: then ``inner = outer = Z`` (up to the
+    tolerance).  ``statuses`` holds the solver status of each query.
+    """
 
     halfplanes: HalfPlanes
-    polygon: Polygon
+    points: np.ndarray
+    outer: Polygon
+    inner: Polygon
+    converged: bool
+    statuses: tuple[str, ...]
     seconds: float
 
     @property
+    def polygon(self) -> Polygon:
+        """The outer polygon (the certified bound)."""
+        return self.outer
+
+    @property
     def area(self) -> float:
-        return self.polygon.area
-
-
-@dataclass(frozen=True)
-class LPPolygon(OuterPolygon):
-    """The relaxed LP's polytope ``Z~`` between ``polygon`` (outer) and ``inner``.
-
-    ``inner`` is the convex hull of the LP's optimal output points ``z*(c_k)``, which lie in
-    ``Z~``; ``statuses`` holds each solve's status (only optimal solves give half-planes).
-    """
-
-    inner: Polygon = field(default_factory=lambda: Polygon(np.zeros((0, 2))))
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
-    statuses: tuple[str, ...] = ()
+        return self.outer.area
 
     @property
     def inner_area(self) -> float:
         return self.inner.area
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.statuses)
+
+
+def _edge_normals(polygon: Polygon, min_length: float) -> np.ndarray:
+    """Unit inward normals of a counter-clockwise polygon's edges longer than ``min_length``."""
+    v = polygon.vertices
+    edges = np.roll(v, -1, axis=0) - v
+    length = np.linalg.norm(edges, axis=1)
+    keep = length > min_length
+    return np.stack([-edges[keep, 1], edges[keep, 0]], axis=1) / length[keep, None]
+
+
+def support_polygon(
+    oracle: Oracle,
+    k: int = DEFAULT_DIRECTIONS,
+    max_extra: int | None = None,
+    angle_tol: float = 1e-7,
+    start: float | None = None,
+) -> SupportPolygon:
+    """Outer and inner polygons of a convex set from ``k`` uniform directions plus refinement.
+
+    ``oracle(C)`` takes directions ``(m, 2)`` and returns the support values ``(m,)``, the
+    minimisers ``(m, 2)`` (NaN where a query failed) and a status per query.  After the ``k``
+    uniform directions, the inward normal of every edge of the current inner polygon is queried
+    (the classical inner/outer refinement of a projected polytope): a minimiser beyond the edge
+    enlarges the inner polygon, a value equal to the edge's offset confirms it as a facet.  This
+    stops when no edge is left unconfirmed or ``max_extra`` more queries (default ``k``) are
+    spent.
+    """
+    begin = time.perf_counter() if start is None else start
+    budget = k if max_extra is None else max_extra
+    dirs = directions(k)
+    values, points, statuses = oracle(dirs)
+    all_c, all_v, all_p, all_s = [dirs], [values], [points], list(statuses)
+    converged = False
+    spent = 0
+    while True:
+        c_cat, p_cat = np.concatenate(all_c), np.concatenate(all_p)
+        inner = convex_hull(p_cat[np.isfinite(p_cat).all(1)])
+        if len(inner.vertices) < 3:
+            break
+        scale = float(np.ptp(inner.vertices, axis=0).max())
+        normals = _edge_normals(inner, 1e-9 * scale)
+        # skip edges whose normal was queried already (within angle_tol)
+        gap = 1.0 - normals @ c_cat.T / np.linalg.norm(c_cat, axis=1)[None]
+        fresh = normals[(gap > angle_tol**2 / 2).all(1)]
+        if len(fresh) == 0:
+            converged = True
+            break
+        if spent >= budget:
+            break
+        fresh = fresh[: budget - spent]
+        values, points, statuses = oracle(fresh)
+        spent += len(fresh)
+        all_c.append(fresh)
+        all_v.append(values)
+        all_p.append(points)
+        all_s += list(statuses)
+    c_cat, v_cat, p_cat = np.concatenate(all_c), np.concatenate(all_v), np.concatenate(all_p)
+    ok = np.isfinite(v_cat)
+    halfplanes = HalfPlanes(c_cat[ok], v_cat[ok])
+    pts = p_cat[np.isfinite(p_cat).all(1)]
+    return SupportPolygon(
+        halfplanes,
+        pts,
+        halfplanes.polygon(),
+        convex_hull(pts),
+        converged,
+        tuple(all_s),
+        time.perf_counter() - begin,
+    )
+
+
+def dual_oracle(dual: DualNetwork) -> Oracle:
+    """Support values ``J(c)`` of Theorem 1 and their minimisers ``z*(c) = grad_c J(c)``.
+
+    With the paper's slopes ``alpha = d`` the dual network is linear in ``c`` and ``J(c)`` is
+    concave and positively homogeneous, i.e. ``J(c) = min_{z in D} c^T z`` for the convex set
+    ``D = {z : c^T z >= J(c) for all c}`` (the dual polygon); the gradient of ``J`` at ``c`` is a
+    minimiser (one batched backward pass for all directions).
+    """
+    x = dual.x
+
+    def oracle(dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        c = torch.as_tensor(dirs, dtype=x.dtype, device=x.device).clone().requires_grad_(True)
+        with torch.enable_grad():
+            values = dual.objective(c.unsqueeze(0))[0]
+            (grad,) = torch.autograd.grad(values.sum(), c)
+        return values.detach().double().cpu().numpy(), grad.double().cpu().numpy(), ["optimal"] * len(dirs)
+
+    return oracle
 
 
 def dual_polygon(
@@ -430,17 +532,33 @@ def dual_polygon(
     input_set: InputSet,
     k: int = DEFAULT_DIRECTIONS,
     dual: DualNetwork | None = None,
-) -> OuterPolygon:
-    """Theorem 1's outer polygon: ``c_k^T z >= J(c_k)`` for ``k`` directions, one batched call."""
+    max_extra: int | None = None,
+) -> SupportPolygon:
+    """Theorem 1's outer polygon ``{z : c^T z >= J(c)}``: ``k`` directions in one batched call,
+    then refined along the inner polygon's edge normals (:func:`support_polygon`)."""
     start = time.perf_counter()
     x = planar_example(net, x)
     if dual is None:
         dual = DualNetwork(net, x, input_set)
-    c = torch.as_tensor(directions(k), dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        values = dual.objective(c.unsqueeze(0))[0].double().cpu().numpy()
-    halfplanes = HalfPlanes(directions(k), values)
-    return OuterPolygon(halfplanes, halfplanes.polygon(), time.perf_counter() - start)
+    return support_polygon(dual_oracle(dual), k, max_extra, start=start)
+
+
+def lp_oracle(lp, progress: bool = False) -> Oracle:
+    """The relaxed LP (eq. 19) as an oracle: sequential solves, each warm-started from the last."""
+
+    def oracle(dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        values = np.full(len(dirs), np.nan)
+        points = np.full((len(dirs), 2), np.nan)
+        statuses = []
+        for i, c in enumerate(tqdm(dirs, desc="LP directions", disable=not progress, leave=False)):
+            res = lp.solve(c)
+            statuses.append(res.status)
+            if res.status == "optimal" and res.z_out is not None:
+                values[i] = res.value
+                points[i] = np.asarray(res.z_out, dtype=np.float64).reshape(2)
+        return values, points, statuses
+
+    return oracle
 
 
 def lp_polygon(
@@ -449,38 +567,21 @@ def lp_polygon(
     input_set: InputSet,
     k: int = DEFAULT_DIRECTIONS,
     bounds: str = "dual",
+    max_extra: int | None = None,
     progress: bool = False,
-) -> LPPolygon:
-    """The relaxed LP (eq. 19) in ``k`` directions, warm-started from one to the next.
+) -> SupportPolygon:
+    """The relaxed LP's polytope ``Z~`` (eq. 19) from ``k`` warm-started directions plus refinement.
 
-    Outer polygon: the supporting half-planes ``c_k^T z >= LP(c_k)``; inner polygon: the hull of
-    the optimal points.  Directions whose solve is not optimal are left out (see ``statuses``).
+    Outer polygon: the supporting half-planes ``c^T z >= LP(c)``; inner polygon: the hull of the
+    optimal points ``z*(c) in Z~``.  Directions whose solve is not optimal give no half-plane
+    (see ``statuses``).  ``max_extra=0`` keeps the ``k`` uniform directions only.
     """
     from polytope.lp import RelaxedLP  # the LP module needs highspy; import it on demand
 
     start = time.perf_counter()
     x = planar_example(net, x)
     lp = RelaxedLP(net, x, input_set, bounds=bounds)
-    dirs = directions(k)
-    values, points, statuses = [], [], []
-    for c in tqdm(dirs, desc="LP directions", disable=not progress, leave=False):
-        res = lp.solve(c)
-        statuses.append(res.status)
-        values.append(res.value)
-        if res.status == "optimal" and res.z_out is not None:
-            points.append(np.asarray(res.z_out, dtype=np.float64).reshape(2))
-    values_np = np.asarray(values, dtype=np.float64)
-    ok = np.isfinite(values_np)
-    halfplanes = HalfPlanes(dirs[ok], values_np[ok])
-    pts = np.asarray(points).reshape(-1, 2)
-    return LPPolygon(
-        halfplanes,
-        halfplanes.polygon(),
-        time.perf_counter() - start,
-        inner=convex_hull(pts),
-        points=pts,
-        statuses=tuple(statuses),
-    )
+    return support_polygon(lp_oracle(lp, progress), k, max_extra, start=start)
 
 
 def layerwise_box(net: Network, x: PointLike, input_set: InputSet) -> Polygon:
@@ -500,17 +601,18 @@ class PolygonComparison:
     """The true polytope and its outer bounds for one example, with their areas."""
 
     true: TruePolytope
-    lp: LPPolygon | None
-    dual: OuterPolygon
+    lp: SupportPolygon | None
+    dual: SupportPolygon
     layerwise: Polygon
 
     def areas(self) -> dict[str, float]:
-        """Areas of the true hull, LP outer / inner, dual polygon and layerwise box."""
+        """Areas of the true hull, LP outer / inner, dual outer / inner polygon and layerwise box."""
         return {
             "true_hull": self.true.area,
             "lp_outer": self.lp.area if self.lp is not None else math.nan,
             "lp_inner": self.lp.inner_area if self.lp is not None else math.nan,
             "dual": self.dual.area,
+            "dual_inner": self.dual.inner_area,
             "layerwise": self.layerwise.area,
         }
 
@@ -526,6 +628,7 @@ class PolygonComparison:
             "lp_outer/true": ratio(a["lp_outer"]),
             "lp_inner/true": ratio(a["lp_inner"]),
             "dual/true": ratio(a["dual"]),
+            "dual_inner/true": ratio(a["dual_inner"]),
             "layerwise/true": ratio(a["layerwise"]),
         }
 
@@ -538,13 +641,19 @@ def compare_polygons(
     n_side: int = DEFAULT_GRID_SIDE,
     n_boundary: int = DEFAULT_BOUNDARY,
     with_lp: bool = True,
+    max_extra: int | None = None,
     progress: bool = False,
 ) -> PolygonComparison:
-    """True polytope, LP polygon (optional), dual polygon and layerwise box of one example."""
+    """True polytope, LP polygon (optional), dual polygon and layerwise box of one example.
+
+    ``k`` uniform directions (then up to ``max_extra``, default ``k``, refining ones) for both
+    the LP and the dual polygon.
+    """
     x = planar_example(net, x)
     true = true_polytope(net, x, input_set, n_side, n_boundary, progress=progress)
-    lp = lp_polygon(net, x, input_set, k, progress=progress) if with_lp else None
-    return PolygonComparison(true, lp, dual_polygon(net, x, input_set, k), layerwise_box(net, x, input_set))
+    lp = lp_polygon(net, x, input_set, k, max_extra=max_extra, progress=progress) if with_lp else None
+    dual = dual_polygon(net, x, input_set, k, max_extra=max_extra)
+    return PolygonComparison(true, lp, dual, layerwise_box(net, x, input_set))
 
 
 def random_network(

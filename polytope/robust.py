@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from polytope.dual import DualNetwork, Slopes
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import Network
-from polytope.sets import InputSet
+from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
 
 
@@ -28,6 +28,8 @@ def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> tor
 
 
 def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    net.check_input(x)
+    check_finite(x)
     if y is not None:
         if y.shape[0] != x.shape[0]:
             raise ShapeMismatchError(f"{y.shape[0]} labels for a batch of {x.shape[0]} examples")
@@ -115,10 +117,13 @@ def certified_radius(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (17): the largest ``eps`` with ``min_j J_eps(...)_j >= 0``, per example.
 
-    Safeguarded Newton on ``m(eps) = worst margin`` (monotone decreasing in ``eps``): each
-    step keeps a bracket ``[lo, hi]`` with ``m(lo) > 0 >= m(hi)`` and falls back to bisection
-    when Newton leaves it.  The returned radius is always a certified ``eps`` (``m > 0``
-    there, or 0).  ``input_set`` gives the norm; its ``eps`` is ignored.  Returns
+    Safeguarded Newton on ``m(eps) = worst margin``: each step keeps a bracket ``[lo, hi]``
+    with ``m(lo) > 0 >= m(hi)`` and falls back to bisection when Newton leaves it.  The
+    returned radius is always a certified ``eps`` (``m > 0`` was evaluated there, or it is 0).
+    The paper calls the certificate monotone in ``eps``; for the fixed-slope bound that is
+    usual but not guaranteed (the slopes ``u/(u-l)`` change with ``eps``), so on a
+    non-monotone margin this finds *a* certified boundary of the bracket, not necessarily
+    the largest certified ``eps``.  ``input_set`` gives the norm; its ``eps`` is ignored.  Returns
     ``(radius, steps)``; ``y`` defaults to the prediction (the paper's ``f(x)``).
     """
     y = _labels(net, x, y)

@@ -15,11 +15,22 @@ and then calls :func:`run`, which splits the missing examples into chunks, execu
 commits each finished chunk at once to the :class:`~polytope.store.ResultStore` (one Parquet
 part per chunk, written atomically), and finally assembles the table from the store::
 
+    # in the command's module, at top level (workers import it by name):
+    def certify_chunk(payload, indices):
+        ...  # -> DataFrame with columns index, target, bound, status, ...
+
+    # in the command (its parser went through add_runner_arguments):
     spec = RunSpec(command="certify", model_hash=model_hash(model), data="mnist:test",
                    eps=0.1, options={"norm": "linf", "solver": "highs"},
                    n_examples=10_000, chunk_size=args.chunk_size)
     payload = {"model": model, "data": data, "device": compute_device(args, "cuda")}
-    df = run(spec, certify_chunk, payload=payload, **run_kwargs_from_args(args))
+    try:
+        df = run(spec, certify_chunk, payload=payload, **run_kwargs_from_args(args))
+    except RunFailedError as err:
+        print(err, file=sys.stderr)  # names the failed chunks; err.df has the rest
+        return 1
+    if args.out:
+        write_csv(df, args.out)
 
 Re-running the same spec computes only the examples the store does not hold yet
 (``fresh=True`` deletes this key's results first).  An interruption (Ctrl-C, ``kill -9``,
@@ -34,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import hashlib
+import json
 import multiprocessing
 import os
 import pickle
@@ -49,14 +61,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from polytope.errors import PolytopeError
 from polytope.store import (
     INDEX_COLUMN,
     STORE_FORMAT,
     ResultStore,
-    _check_rows,
     canonical_json,
     key_digest,
 )
@@ -173,7 +184,10 @@ class RunSpec:
             if len(set(idx)) != len(idx):
                 raise ValueError("example indices must be unique")
             object.__setattr__(self, "indices", tuple(idx))
-        canonical_json(self.key())  # raises TypeError now, not mid-run, if not JSON-able
+        # a canonical private copy: JSON-able now (TypeError otherwise, not mid-run), and
+        # later changes to the caller's dict cannot change the key
+        object.__setattr__(self, "options", json.loads(canonical_json(dict(self.options))))
+        object.__setattr__(self, "eps", json.loads(canonical_json(self.eps)))
 
     def key(self) -> dict[str, Any]:
         """The run key as a JSON-able dict (includes the store format version)."""
@@ -364,16 +378,27 @@ def _run_process_pool(
                     initargs=(payload_bytes, threads),
                 )
                 finished_in_pool = 0
-            if suspects:
-                if not in_flight:
-                    chunk = suspects.popleft()
-                    in_flight[executor.submit(_pool_call, fn, list(chunk))] = chunk
+            try:
+                if suspects:
+                    if not in_flight:
+                        in_flight[executor.submit(_pool_call, fn, list(suspects[0]))] = suspects[0]
+                        suspects.popleft()
+                else:
+                    while queue and len(in_flight) < workers:
+                        in_flight[executor.submit(_pool_call, fn, list(queue[0]))] = queue[0]
+                        queue.popleft()
+            except cf.process.BrokenProcessPool:
+                # a worker died since the last check: the chunk was not submitted and stays
+                # queued; the futures in flight (if any) report the break below
+                pool_broke = True
             else:
-                while queue and len(in_flight) < workers:
-                    chunk = queue.popleft()
-                    in_flight[executor.submit(_pool_call, fn, list(chunk))] = chunk
-            done, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
-            if any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in done):
+                pool_broke = False
+            done = set(in_flight)
+            if in_flight and not pool_broke:
+                done, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
+            if pool_broke or any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in done):
+                pool_broke = True
+                last_break = "worker process died (BrokenProcessPool)"
                 cf.wait(list(in_flight))  # a broken pool fails all its futures promptly
                 done = set(in_flight)
             broken: list[tuple[int, ...]] = []
@@ -385,12 +410,11 @@ def _run_process_pool(
                     yield _Outcome(chunk, df=fut.result(), attempts=attempts.get(chunk, 0) + 1)
                 elif isinstance(exc, cf.process.BrokenProcessPool):
                     broken.append(chunk)
-                    last_break = "worker process died (BrokenProcessPool)"
                 else:
                     outcome = retry_or_fail(chunk, _describe_error(exc))
                     if outcome is not None:
                         yield outcome
-            if broken:
+            if pool_broke:
                 executor.shutdown(wait=True, cancel_futures=True)
                 executor = None
                 sterile_breaks = 0 if finished_in_pool else sterile_breaks + 1
@@ -408,7 +432,7 @@ def _run_process_pool(
                     outcome = retry_or_fail(broken[0], last_break)
                     if outcome is not None:
                         yield outcome
-                else:
+                elif broken:
                     suspects.extend(sorted(broken))
     finally:
         if executor is not None:
@@ -601,7 +625,10 @@ def run(
         where = "nothing to compute"
     elif dask_scheduler is not None:
         outcomes = _run_dask(compute_chunk, payload, chunks, retries, dask_scheduler, spec.command)
-        where = f"Dask scheduler {getattr(dask_scheduler, 'scheduler', dask_scheduler)}"
+        address = dask_scheduler if isinstance(dask_scheduler, str) else getattr(
+            getattr(dask_scheduler, "scheduler", None), "address", "client"
+        )
+        where = f"Dask scheduler {address}"
     elif workers > 1 and len(chunks) > 1:
         outcomes = _run_process_pool(compute_chunk, payload, chunks, retries, min(workers, len(chunks)))
         where = f"{min(workers, len(chunks))} local processes"
@@ -626,7 +653,6 @@ def run(
             for outcome in outcomes:
                 if outcome.df is not None:
                     try:
-                        _check_rows(outcome.df, outcome.chunk)
                         store.write_part(outcome.df, outcome.chunk)
                     except (ValueError, TypeError, NotImplementedError) as exc:
                         error = f"bad result table: {_describe_error(exc)}"

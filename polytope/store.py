@@ -40,6 +40,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,11 +127,10 @@ class PartInfo:
 
 @dataclass
 class ScanResult:
-    """What a scan of the store found: valid parts, the examples done, and rejected files."""
+    """What a scan of the store found: the valid parts and the examples they cover."""
 
     parts: list[PartInfo] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
-    rejected: list[tuple[Path, str]] = field(default_factory=list)
 
 
 class ResultStore:
@@ -227,36 +227,43 @@ class ResultStore:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read_valid_parts(self) -> tuple[list[tuple[PartInfo, pd.DataFrame]], list[tuple[Path, str]]]:
-        """Read and validate every part; move rejected ones to ``corrupt/`` with a warning."""
+    def _read_valid_parts(self, full: bool) -> list[tuple[PartInfo, pd.DataFrame | None]]:
+        """Validate every part; move rejected ones to ``corrupt/`` with a :class:`StoreWarning`.
+
+        ``full=False`` reads only each part's footer (schema, metadata and row count): a
+        truncated or foreign file is caught there, cheaply, however many parts there are.
+        ``full=True`` also reads and checks every row and returns the tables.
+        """
         import pyarrow.parquet as pq
 
-        good: list[tuple[PartInfo, pd.DataFrame]] = []
-        rejected: list[tuple[Path, str]] = []
+        good: list[tuple[PartInfo, pd.DataFrame | None]] = []
         if not self.path.is_dir():
-            return good, rejected
-        paths = sorted(self.path.glob("part-*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        for path in paths:
+            return good
+        paths = []
+        for path in self.path.glob("part-*.parquet"):
+            with suppress(FileNotFoundError):
+                paths.append((path.stat().st_mtime_ns, path.name, path))
+        for _, _, path in sorted(paths):
             try:
-                table = pq.read_table(path)
-                raw = (table.schema.metadata or {}).get(PART_METADATA_KEY)
+                meta = pq.read_metadata(path)
+                raw = (meta.schema.to_arrow_schema().metadata or {}).get(PART_METADATA_KEY)
                 if raw is None:
                     raise ValueError("no polytope part metadata (not written by the runner)")
                 info = json.loads(raw)
                 if info.get("key") != self.digest:
                     raise ValueError(f"written for a different run key ({info.get('key')})")
                 indices = frozenset(int(i) for i in info["indices"])
-                df = table.to_pandas()
-                _check_rows(df, indices)
+                df = None
+                if full:
+                    df = pq.read_table(path).to_pandas()
+                    _check_rows(df, indices)
             except FileNotFoundError:
                 continue  # removed by a concurrent --fresh
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                rejected.append((path, reason))
-                self._quarantine(path, reason)
+                self._quarantine(path, f"{type(exc).__name__}: {exc}")
                 continue
-            good.append((PartInfo(path, indices, len(df)), df))
-        return good, rejected
+            good.append((PartInfo(path, indices, meta.num_rows), df))
+        return good
 
     def _quarantine(self, path: Path, reason: str) -> None:
         dest_dir = self.path / "corrupt"
@@ -275,14 +282,15 @@ class ResultStore:
         )
 
     def scan(self) -> ScanResult:
-        """Validate every part and return which example indices are done.
+        """Return the valid parts and the example indices they cover.
 
-        Unreadable or foreign parts are reported with a :class:`StoreWarning`, moved to
-        ``corrupt/`` and left out, so their examples count as not done.
+        Reads only the part footers.  Unreadable (e.g. truncated) or foreign parts are
+        reported with a :class:`StoreWarning`, moved to ``corrupt/`` and left out, so their
+        examples count as not done.  Damage inside a part with an intact footer is caught
+        by :meth:`load`, which reads every row.
         """
-        good, rejected = self._read_valid_parts()
-        result = ScanResult(rejected=rejected)
-        for info, _ in good:
+        result = ScanResult()
+        for info, _ in self._read_valid_parts(full=False):
             result.parts.append(info)
             result.done |= info.indices
         return result
@@ -298,11 +306,12 @@ class ResultStore:
             If two parts cover the same example (two runs raced), the older part wins.
         """
         wanted = None if indices is None else {int(i) for i in indices}
-        good, _ = self._read_valid_parts()
+        good = self._read_valid_parts(full=True)
         seen: set[int] = set()
         frames: list[pd.DataFrame] = []
         columns_template: pd.DataFrame | None = None
         for info, df in good:
+            assert df is not None
             take = info.indices - seen if wanted is None else (info.indices & wanted) - seen
             if columns_template is None:
                 columns_template = df.iloc[:0]
@@ -331,6 +340,6 @@ def _check_rows(df: Any, indices: Iterable[int]) -> None:
     values = df[INDEX_COLUMN]
     if values.isna().any():
         raise ValueError(f"result table has missing values in the {INDEX_COLUMN!r} column")
-    stray = sorted({int(v) for v in values} - allowed)
+    stray = sorted({int(v) for v in pd.unique(values)} - allowed)
     if stray:
         raise ValueError(f"result table has rows for examples outside its chunk: {stray[:10]}")

@@ -22,16 +22,19 @@ Helpers
 * :func:`pgd_minimize` -- a small projected-gradient minimiser of several objectives at
   once; used to find near-extreme points that a sound lower bound must not exceed.
 * :func:`pre_activations` -- the pre-ReLU values of a ``Sequential`` at a batch of points.
+* :func:`single_thread` -- run torch on one thread (use it in an autouse fixture).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -49,6 +52,29 @@ FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthChe
 def fast(n: int) -> settings:
     """:data:`FAST` with ``max_examples=n``."""
     return settings(FAST, max_examples=n)
+
+
+def fast_no_shrink(n: int) -> settings:
+    """:func:`fast` without the shrink phase, for tests whose examples cost a PGD run each.
+
+    A failure is then reported as found (not minimised), instead of after minutes of shrinking.
+    """
+    return settings(fast(n), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous count.
+
+    The engine tests work on tiny tensors, where extra threads only add overhead, and on a
+    busy 2-core machine they oversubscribe it badly (a 10x slowdown was observed).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # -- networks ---------------------------------------------------------------------------------
@@ -69,7 +95,7 @@ def build_fc(n_in: int, widths: list[int], n_out: int, seed: int, gain: float = 
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     sizes = [n_in, *widths]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], n_out))
     seq = nn.Sequential(*layers).to(DTYPE)
@@ -115,7 +141,7 @@ def build_conv(
         c, h, w = spec.out_channels, conv_out(h, spec), conv_out(w, spec)
     layers.append(nn.Flatten())
     sizes = [c * h * w, *widths]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], n_out))
     seq = nn.Sequential(*layers).to(DTYPE)

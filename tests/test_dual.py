@@ -15,24 +15,33 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 from strategies import (
     DTYPE,
-    ConvSpec,
     SET_KINDS,
+    ConvSpec,
     build_conv,
     build_fc,
     cases,
     dual_norm_rows,
     fast,
+    fast_no_shrink,
     first_layer_rows,
     make_set,
     pgd_minimize,
     pre_activations,
     sample,
     seeds,
+    single_thread,
     unstable_eps,
 )
 from torch import nn
 
 import polytope as pt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
 
 N_SAMPLES = 5000  # from each of two samplers: 10^4 points per example
 
@@ -206,7 +215,7 @@ def test_bounds_contain_sampled_preactivations(case, seed):
 
 
 @given(cases(max_batch=2), seeds)
-@fast(12)
+@fast_no_shrink(12)
 def test_bounds_contain_pgd_extremes(case, seed):
     dual_f = pt.DualNetwork(case.net, case.x, case.input_set, slopes="fixed")
     dual_a = pt.DualNetwork(case.net, case.x, case.input_set, slopes="adaptive")
@@ -219,8 +228,9 @@ def test_bounds_contain_pgd_extremes(case, seed):
             return sign * pre_activations(case.seq, p)[i].flatten(1)[:, units]
 
         low = pgd_minimize(unit, case.x, case.input_set, len(units), seed=seed)
-        high = -pgd_minimize(lambda p, i=i, units=units: unit(p, i, units, -1.0), case.x, case.input_set,
-                             len(units), seed=seed)
+        high = -pgd_minimize(
+            lambda p, i=i, units=units: unit(p, i, units, -1.0), case.x, case.input_set, len(units), seed=seed
+        )
         for dual in (dual_f, dual_a):
             lo, up = (t.detach().flatten(1)[:, units] for t in dual.bounds[i])
             assert_le(lo, low, what=f"{dual.slopes} lower bound of layer {i}")
@@ -228,7 +238,7 @@ def test_bounds_contain_pgd_extremes(case, seed):
 
 
 @given(cases(max_batch=2), seeds, st.sampled_from(["fixed", "adaptive", "alpha", "alpha-per-objective"]))
-@fast(20)
+@fast_no_shrink(20)
 def test_objective_is_a_lower_bound(case, seed, mode):
     slopes = "adaptive" if mode == "adaptive" else "fixed"
     dual = pt.DualNetwork(case.net, case.x, case.input_set, slopes=slopes)
@@ -408,8 +418,9 @@ def test_fixed_slopes_equal_the_lp_of_algorithm_1_on_deeper_nets(data):
     x = torch.rand((1, n_in), generator=torch.Generator().manual_seed(data.draw(seeds)), dtype=DTYPE)
     kind = data.draw(st.sampled_from(["linf", "linf-box"]))
     input_set = make_set(kind, unstable_eps(seq, x, kind, data.draw(st.floats(0.3, 0.8))))
-    dual = pt.DualNetwork(pt.Network.from_torch(seq), x, input_set, order=data.draw(
-        st.sampled_from(["forward", "backward"])))
+    dual = pt.DualNetwork(
+        pt.Network.from_torch(seq), x, input_set, order=data.draw(st.sampled_from(["forward", "backward"]))
+    )
     segs = affine_segments(seq, x)
     lo, hi = input_box(input_set, x, 0)
     bounds = [(lo_t[0].numpy(), up_t[0].numpy()) for lo_t, up_t in detached_bounds(dual)]
@@ -641,8 +652,7 @@ def test_cuda_float32_matches_cpu():
             results[device, order] = [t.cpu() for pair in dual.bounds for t in pair] + [
                 dual.objective(c.to(device)).cpu()
             ]
-        loss, _ = pt.robust_loss(net, x.to(device), torch.zeros(4, dtype=torch.long, device=device),
-                                 pt.LinfBall(0.05))
+        loss, _ = pt.robust_loss(net, x.to(device), torch.zeros(4, dtype=torch.long, device=device), pt.LinfBall(0.05))
         results[device, "loss"] = [loss.detach().cpu()]
     for key in [("cpu", "forward"), ("cpu", "backward"), ("cpu", "loss")]:
         other = ("cuda", key[1])

@@ -9,9 +9,25 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import DTYPE, SET_KINDS, fast, in_set, make_set, project, sample, seeds
+from strategies import (
+    DTYPE,
+    SET_KINDS,
+    fast,
+    in_set,
+    make_set,
+    project,
+    sample,
+    seeds,
+    single_thread,
+)
 
 import polytope as pt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @st.composite
@@ -149,8 +165,16 @@ def test_linf_sample_includes_corners():
 @pytest.mark.parametrize("kind", SET_KINDS)
 @pytest.mark.parametrize(
     "eps",
-    [-0.1, math.nan, math.inf, -math.inf, "abc", torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.1, -0.1]),
-     torch.tensor([0.1, math.nan])],
+    [
+        -0.1,
+        math.nan,
+        math.inf,
+        -math.inf,
+        "abc",
+        torch.tensor([0.1, 0.2, 0.3]),
+        torch.tensor([0.1, -0.1]),
+        torch.tensor([0.1, math.nan]),
+    ],
     ids=["negative", "nan", "inf", "-inf", "string", "wrong-length", "negative-entry", "nan-entry"],
 )
 def test_bad_epsilon_raises(kind, eps):

@@ -1,0 +1,150 @@
+"""``polytope radius``: the largest certified radius of every example (eq. 17), one row per example.
+
+    polytope radius --model released:mnist --data mnist --limit 1000 --out radii.csv
+
+For each example this finds the largest ``eps`` with ``min_{j != f(x)} J_eps(x, g(e_f(x) 1^T - I))_j >= 0``
+by the safeguarded Newton iteration of :func:`polytope.robust.certified_radius` (the paper's
+Figure 5).  The radius is certified for the *predicted* class (Corollary 2); for a correctly
+classified example that is the label.  Columns: ``index, label, prediction, correct, radius,
+newton_steps`` (and ``seconds`` per example).  Runs are resumable (see :mod:`polytope.runner`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+
+from polytope import dual as _dual
+from polytope.commands import common
+from polytope.errors import InvalidInputError
+from polytope.network import Network
+from polytope.robust import certified_radius
+from polytope.runner import (
+    RunSpec,
+    add_runner_arguments,
+    compute_device,
+    model_hash,
+    run,
+    run_kwargs_from_args,
+    write_csv,
+)
+from polytope.sets import InputSet, L1Ball, L2Ball, LinfBall
+
+NORMS: dict[str, type] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
+
+
+def _transpose_at_empty_safe(op: Any, in_shape: Any, nu: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """:func:`polytope.patches.transpose_at` that also accepts ``K = 0`` selected units.
+
+    At ``eps = 0`` (where eq. 17's Newton iteration starts) no ReLU is unstable, and the
+    original's ``reshape(..., k, -1)`` is ambiguous for zero elements; the answer is the
+    empty ``(B, m, 0)`` tensor.
+    """
+    if units.shape[1] == 0:
+        return nu.new_zeros(*nu.shape[:2], 0)
+    return _ORIGINAL_TRANSPOSE_AT(op, in_shape, nu, units)
+
+
+_ORIGINAL_TRANSPOSE_AT = _dual.transpose_at
+
+
+def allow_empty_unstable_sets() -> None:
+    """Make the conv patch shortcut of :class:`polytope.dual.DualNetwork` accept batches with no unstable ReLU.
+
+    Idempotent, and a no-op once :mod:`polytope.patches` handles the empty case itself
+    (the wrapper only changes the ``K = 0`` case, where the original raises).
+    """
+    if _dual.transpose_at is not _transpose_at_empty_safe:
+        _dual.transpose_at = _transpose_at_empty_safe
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``radius``."""
+    parser = subparsers.add_parser(
+        "radius", help="largest certified radius of each example (eq. 17, Figure 5)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common.add_model_arguments(parser)
+    common.add_data_arguments(parser)
+    parser.add_argument("--norm", default="linf", choices=tuple(NORMS), help="ball norm (default: linf)")
+    parser.add_argument("--eps-max", type=float, default=1.0,
+                        help="largest radius searched; examples certified there report it (default: 1)")
+    parser.add_argument("--tol", type=float, default=1e-4, help="relative bracket tolerance (default: 1e-4)")
+    parser.add_argument("--max-steps", type=int, default=30,
+                        help="Newton/bisection steps per example; the radius returned is certified either way, "
+                             "fewer steps may leave it below the largest (default: 30)")
+    common.add_device_arguments(parser)
+    add_runner_arguments(parser)
+    parser.set_defaults(handler=run_radius)
+    return parser
+
+
+def radius_rows(
+    net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, eps_max: float, tol: float,
+    indices: list[int] | None = None, max_steps: int = 30,
+) -> pd.DataFrame:
+    """Rows ``index, label, prediction, correct, radius, newton_steps, seconds`` for one batch."""
+    allow_empty_unstable_sets()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pred = net.forward(x).argmax(1)
+    radius, steps = certified_radius(net, x, input_set, y=None, eps_max=eps_max, tol=tol, max_steps=max_steps)
+    seconds = (time.perf_counter() - t0) / max(len(x), 1)
+    idx = list(range(len(x))) if indices is None else indices
+    return pd.DataFrame({
+        "index": idx, "label": y.tolist(), "prediction": pred.tolist(),
+        "correct": (pred == y).tolist(), "radius": radius.detach().cpu().tolist(),
+        "newton_steps": steps.cpu().tolist(), "seconds": seconds,
+    })
+
+
+def radius_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
+    """Rows of :mod:`polytope.commands.radius` for the examples ``indices``."""
+    device = payload["device"]
+    net = Network.from_torch(payload["model"].to(device))
+    x_all, y_all = payload["x"], payload["y"]
+    parts = []
+    batch = payload["batch_size"]
+    for start in range(0, len(indices), batch):
+        chunk = indices[start:start + batch]
+        idx = torch.tensor(chunk)
+        parts.append(radius_rows(net, x_all[idx].to(device), y_all[idx].to(device), payload["input_set"],
+                                 payload["eps_max"], payload["tol"], chunk, payload["max_steps"]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _median(s: pd.Series) -> str:
+    return f"{s.median():.4g}" if len(s) else "n/a"
+
+
+def run_radius(args: argparse.Namespace) -> int:
+    """Run ``polytope radius``; prints the median radius of correct and wrong examples."""
+    if not (args.eps_max > 0 and args.tol > 0 and args.max_steps >= 1):
+        raise InvalidInputError(f"--eps-max, --tol and --max-steps must be positive, got "
+                                f"{args.eps_max}, {args.tol}, {args.max_steps}")
+    seq, _ = common.load_network_arg(args)
+    x, y = common.load_data_arg(args)
+    device = compute_device(args, args.device)
+    spec = RunSpec(
+        command="radius", model_hash=model_hash(seq), data=f"{args.data}:{args.split}", eps=None,
+        options={"norm": args.norm, "eps_max": args.eps_max, "tol": args.tol, "max_steps": args.max_steps,
+                 "dtype": "float64" if args.float64 else "float32"},
+        n_examples=len(x), chunk_size=max(args.chunk_size, args.batch_size),
+    )
+    payload = {"model": seq.cpu(), "x": x.cpu(), "y": y.cpu(), "input_set": NORMS[args.norm](0.0),
+               "device": device, "batch_size": args.batch_size, "eps_max": args.eps_max, "tol": args.tol,
+               "max_steps": args.max_steps}
+    df = run(spec, radius_chunk, payload=payload, **run_kwargs_from_args(args))
+    if args.out is not None:
+        write_csv(df, args.out)
+    correct = df[df["correct"]]
+    wrong = df[~df["correct"]]
+    print(f"examples: {len(df)}  median radius: correct {_median(correct['radius'])} ({len(correct)}), "
+          f"wrong {_median(wrong['radius'])} ({len(wrong)})  newton steps: mean {df['newton_steps'].mean():.2f}, "
+          f"max {int(df['newton_steps'].max()) if len(df) else 0}", file=sys.stdout)
+    return 0
