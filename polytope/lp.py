@@ -36,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,11 +181,38 @@ def check_bounds(bounds: Sequence[tuple[Any, Any]], shapes: Sequence[Shape]) -> 
 # ---------------------------------------------------------------------------------------------
 # A thin HiGHS model: columns, CSR row blocks, objective swaps, timed runs
 # ---------------------------------------------------------------------------------------------
+_BANNER_SHOWN = False
+
+
+def _new_highs() -> highspy.Highs:
+    """A ``Highs`` instance; the first one's copyright banner (C-level stdout) is swallowed.
+
+    HiGHS prints its banner when the first instance of a process is constructed, before any
+    option can silence it, which would pollute tables and CSV written to stdout.
+    """
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:
+        return highspy.Highs()
+    _BANNER_SHOWN = True
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable file descriptor 1: nothing to protect
+        return highspy.Highs()
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class HighsModel:
     """A ``highspy.Highs`` instance grown by blocks of columns and rows."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.h = highspy.Highs()
+        self.h = _new_highs()
         self.h.silent()
         for name, value in options.items():
             if self.h.setOptionValue(name, value) != highspy.HighsStatus.kOk:
@@ -421,7 +450,9 @@ class RelaxedLP:
             over the relaxation of the earlier layers, itself built from the tightened bounds),
             or one ``(l, u)`` pair per ReLU layer.
         only_unstable: with ``"lp-all"``, re-solve only the units that the dual bounds leave in
-            ``I`` (stable units stay stable, and their ``l, u`` do not enter eq. 19).
+            ``I`` (stable units stay stable, and their ``l, u`` do not enter eq. 19).  The first
+            ReLU layer always keeps its dual bounds: for one affine map over ``S(x)`` they are
+            already the LP's min/max.  Each LP bound is trusted up to HiGHS's tolerances.
         time_limit: seconds per LP solve (``None``: unlimited).
         warm_start: reuse the previous basis between objectives (the default); ``False`` solves
             every objective from scratch.
