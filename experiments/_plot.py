@@ -45,9 +45,7 @@ def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="small grids and few steps: a smoke run of seconds"
-    )
+    parser.add_argument("--quick", action="store_true", help="small grids and few steps: a smoke run of seconds")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder for the PNG and CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -77,9 +75,7 @@ def timed(label: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 def panel_grid(rows: int, cols: int, size: float = 3.2) -> tuple[Figure, np.ndarray]:
     """A ``rows x cols`` grid of square panels with constrained layout; axes always 2-D."""
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(size * cols, size * rows + 0.8), squeeze=False, layout="constrained"
-    )
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 1.4), squeeze=False, layout="constrained")
     return fig, axes
 
 
@@ -118,9 +114,7 @@ def label_axes(ax: Axes, xlabel: bool = True, ylabel: bool = True, fontsize: flo
 # ---------------------------------------------------------------------------------------------
 # polygons
 # ---------------------------------------------------------------------------------------------
-def view_box(
-    polygons: Sequence[Polygon], points: np.ndarray | None = None, margin: float = 0.08
-) -> np.ndarray:
+def view_box(polygons: Sequence[Polygon], points: np.ndarray | None = None, margin: float = 0.08) -> np.ndarray:
     """A square-ish ``[[x0, y0], [x1, y1]]`` around the polygons (and points) with a margin."""
     parts = [p.vertices for p in polygons if len(p.vertices)]
     if points is not None and len(points):
@@ -179,17 +173,23 @@ def outline_polygon(ax: Axes, polygon: Polygon, **kwargs) -> None:
 
 
 def draw_comparison(
-    ax: Axes, comp: PolygonComparison, net: Network | None = None, bins: int = 400, inset: bool = False
+    ax: Axes,
+    comp: PolygonComparison,
+    net: Network | None = None,
+    bins: int = 400,
+    inset: bool = False,
+    view: np.ndarray | None = None,
 ) -> np.ndarray:
     """True polytope (gray) over the LP polygon (green) with the dual polygon dashed.
 
-    Returns the view box.  With ``inset`` a small inset shows the layerwise box (red) and,
-    as a black square, the main view inside it.
+    ``view`` (``[[x0, y0], [x1, y1]]``) defaults to a square around all polygons.  Returns the
+    view.  With ``inset`` a small inset shows the layerwise box (red) and, as a black square,
+    the main view inside it, in the corner that hides the least of the polygons.
     """
     polys = [comp.true.hull, comp.dual.polygon]
     if comp.lp is not None:
         polys.append(comp.lp.polygon)
-    box = view_box(polys)
+    box = view_box(polys) if view is None else np.asarray(view, dtype=np.float64)
     if comp.lp is not None:
         fill_polygon(ax, comp.lp.polygon, color=LP_FILL, zorder=1, lw=0)
     plot_true_polytope(ax, comp.true, box, net, bins=bins)
@@ -201,13 +201,40 @@ def draw_comparison(
     ax.set_aspect("equal", adjustable="box")
     ax.ticklabel_format(useOffset=False)
     if inset:
-        draw_layerwise_inset(ax, comp.layerwise, box)
+        draw_layerwise_inset(ax, comp.layerwise, box, corner=free_corner(polys, box))
     return box
 
 
-def draw_layerwise_inset(ax: Axes, layerwise: Polygon, view: np.ndarray, size: float = 0.3) -> Axes:
-    """Bottom-right inset: the layerwise box (red) with the main view (black) inside it."""
-    inner = ax.inset_axes((1 - size - 0.02, 0.02, size, size))
+def _outline_points(polygon: Polygon, per_edge: int = 20) -> np.ndarray:
+    v = polygon.vertices
+    if len(v) == 0:
+        return np.zeros((0, 2))
+    t = np.linspace(0.0, 1.0, per_edge, endpoint=False)[None, :, None]
+    return (v[:, None] + t * (np.roll(v, -1, axis=0) - v)[:, None]).reshape(-1, 2)
+
+
+def free_corner(polys: Sequence[Polygon], view: np.ndarray, size: float = 0.3) -> str:
+    """The corner (``"lower right"``, ...) whose ``size`` square covers the fewest polygon points."""
+    pts = np.concatenate([_outline_points(p) for p in polys])
+    rel = (pts - view[0]) / (view[1] - view[0])
+    best, best_count = "lower right", None
+    for corner in ("lower right", "upper right", "lower left", "upper left"):
+        x0 = 1 - size - 0.02 if "right" in corner else 0.02
+        y0 = 1 - size - 0.02 if "upper" in corner else 0.02
+        inside = (rel[:, 0] > x0) & (rel[:, 0] < x0 + size) & (rel[:, 1] > y0) & (rel[:, 1] < y0 + size)
+        count = int(inside.sum())
+        if best_count is None or count < best_count:
+            best, best_count = corner, count
+    return best
+
+
+def draw_layerwise_inset(
+    ax: Axes, layerwise: Polygon, view: np.ndarray, size: float = 0.3, corner: str = "lower right"
+) -> Axes:
+    """An inset in ``corner``: the layerwise box (red) with the main view (black) inside it."""
+    x0 = 1 - size - 0.02 if "right" in corner else 0.02
+    y0 = 1 - size - 0.02 if "upper" in corner else 0.02
+    inner = ax.inset_axes((x0, y0, size, size))
     lw = layerwise.bbox
     outer = np.stack([np.minimum(lw[0], view[0]), np.maximum(lw[1], view[1])])
     pad = 0.06 * (outer[1] - outer[0]).max()
@@ -232,12 +259,8 @@ def legend_handles(with_lp: bool = True, layerwise: bool = True) -> list:
     """Legend entries for :func:`draw_comparison`."""
     handles: list = [Patch(color=TRUE_COLOR, label="true adversarial polytope (enumerated)")]
     if with_lp:
-        handles.append(
-            Patch(facecolor=LP_FILL, edgecolor=LP_EDGE, label="convex outer bound: relaxed LP (eq. 19)")
-        )
+        handles.append(Patch(facecolor=LP_FILL, edgecolor=LP_EDGE, label="convex outer bound: relaxed LP (eq. 19)"))
     handles.append(Line2D([], [], color=DUAL_COLOR, ls="--", label="dual bound J(c) (Theorem 1)"))
     if layerwise:
-        handles.append(
-            Line2D([], [], color=LAYERWISE_COLOR, label="inset: layerwise box (eq. 42), black = main view")
-        )
+        handles.append(Line2D([], [], color=LAYERWISE_COLOR, label="inset: layerwise box (eq. 42), black = main view"))
     return handles

@@ -102,6 +102,42 @@ def convex_hull(points: np.ndarray) -> Polygon:
     return Polygon(points[hull.vertices])  # counter-clockwise for 2-D hulls
 
 
+def diameter(polygon: Polygon) -> float:
+    """Largest distance between two vertices (0 for an empty polygon)."""
+    v = polygon.vertices
+    if len(v) < 2:
+        return 0.0
+    return float(np.linalg.norm(v[:, None] - v[None], axis=-1).max())
+
+
+def distance_to_polygon(points: np.ndarray, polygon: Polygon) -> np.ndarray:
+    """Euclidean distance of each point of ``(N, 2)`` to a convex polygon (0 inside)."""
+    points = np.atleast_2d(points)
+    v = polygon.vertices
+    if len(v) == 0:
+        return np.full(len(points), np.inf)
+    a, b = v, np.roll(v, -1, axis=0)
+    ab = b - a
+    denom = np.maximum(np.einsum("kd,kd->k", ab, ab), 1e-300)
+    t = np.clip(np.einsum("nkd,kd->nk", points[:, None] - a[None], ab) / denom, 0.0, 1.0)
+    nearest = a[None] + t[..., None] * ab[None]
+    dist = np.linalg.norm(points[:, None] - nearest, axis=-1).min(1)
+    if len(v) >= 3:
+        dist[polygon.contains(points, tol=0.0)] = 0.0
+    return dist
+
+
+def hausdorff_gap(inner: Polygon, outer: Polygon) -> float:
+    """``max_{z in outer} dist(z, inner)``: the Hausdorff distance when ``inner`` lies in ``outer``.
+
+    For convex polygons the maximum is attained at a vertex of ``outer``.  Unlike an area ratio
+    it stays meaningful for the thin, nearly one-dimensional polytopes of trained networks.
+    """
+    if len(outer.vertices) == 0:
+        return 0.0
+    return float(distance_to_polygon(outer.vertices, inner).max())
+
+
 @dataclass(frozen=True)
 class HalfPlanes:
     """The set ``{z : normals @ z >= offsets}``: ``normals (K, 2)``, ``offsets (K,)``."""
@@ -630,6 +666,20 @@ class PolygonComparison:
             "dual/true": ratio(a["dual"]),
             "dual_inner/true": ratio(a["dual_inner"]),
             "layerwise/true": ratio(a["layerwise"]),
+        }
+
+    def gaps(self) -> dict[str, float]:
+        """Hausdorff distance from each outer bound to the true hull, over the hull's diameter."""
+        hull = self.true.hull
+        size = diameter(hull)
+
+        def gap(outer: Polygon | None) -> float:
+            return hausdorff_gap(hull, outer) / size if outer is not None and size > 0 else math.nan
+
+        return {
+            "lp": gap(self.lp.outer if self.lp is not None else None),
+            "dual": gap(self.dual.outer),
+            "layerwise": gap(self.layerwise),
         }
 
 

@@ -154,7 +154,9 @@ def certified_radius(
         hi = torch.where(~done & ~ok, torch.minimum(hi, eps), hi)
         steps = steps + (~done).long()
         newton = eps - m / torch.where(slope < 0, slope, torch.full_like(slope, -1e-12))
+        # a certified point whose Newton step is below tolerance is at the boundary (from below)
+        converged = ok & ((newton - eps).abs() <= tol * eps.clamp_min(1e-12))
         inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
         eps = torch.where(inside, newton, (lo + hi) / 2)
-        done = done | ((hi - lo) <= tol * hi.clamp_min(1e-12)) | (ok & (m < tol * 1e-3))
+        done = done | ((hi - lo) <= tol * hi.clamp_min(1e-12)) | converged
     return lo, steps

@@ -122,8 +122,10 @@ def test_linear_model_analytic_worst_case(attack: str) -> None:
     expected = analytic_worst_case(model, x, y, eps)
     torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-12)
     # no point of the ball has a higher loss: compare against random vertices
-    vertices = x.unsqueeze(0) + eps * (2 * torch.randint(0, 2, (200, *x.shape)).double() - 1)
-    worst_random = torch.stack([per_example_loss(model, v, y) for v in vertices]).max(dim=0).values
+    signs = 2 * torch.randint(0, 2, (200, *x.shape), generator=torch.Generator().manual_seed(0)) - 1
+    vertices = (x + eps * signs.double()).reshape(-1, x.shape[1])
+    losses = per_example_loss(model, vertices, y.repeat(200)).reshape(200, -1)
+    worst_random = losses.max(dim=0).values
     assert torch.all(per_example_loss(model, x_adv, y) >= worst_random - 1e-12)
 
 

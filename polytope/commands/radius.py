@@ -19,7 +19,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from polytope import dual as _dual
 from polytope.commands import common
 from polytope.errors import InvalidInputError
 from polytope.network import Network
@@ -36,31 +35,6 @@ from polytope.runner import (
 from polytope.sets import InputSet, L1Ball, L2Ball, LinfBall
 
 NORMS: dict[str, type] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
-
-
-def _transpose_at_empty_safe(op: Any, in_shape: Any, nu: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """:func:`polytope.patches.transpose_at` that also accepts ``K = 0`` selected units.
-
-    At ``eps = 0`` (where eq. 17's Newton iteration starts) no ReLU is unstable, and the
-    original's ``reshape(..., k, -1)`` is ambiguous for zero elements; the answer is the
-    empty ``(B, m, 0)`` tensor.
-    """
-    if units.shape[1] == 0:
-        return nu.new_zeros(*nu.shape[:2], 0)
-    return _ORIGINAL_TRANSPOSE_AT(op, in_shape, nu, units)
-
-
-_ORIGINAL_TRANSPOSE_AT = _dual.transpose_at
-
-
-def allow_empty_unstable_sets() -> None:
-    """Make the conv patch shortcut of :class:`polytope.dual.DualNetwork` accept batches with no unstable ReLU.
-
-    Idempotent, and a no-op once :mod:`polytope.patches` handles the empty case itself
-    (the wrapper only changes the ``K = 0`` case, where the original raises).
-    """
-    if _dual.transpose_at is not _transpose_at_empty_safe:
-        _dual.transpose_at = _transpose_at_empty_safe
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -89,7 +63,6 @@ def radius_rows(
     indices: list[int] | None = None, max_steps: int = 30,
 ) -> pd.DataFrame:
     """Rows ``index, label, prediction, correct, radius, newton_steps, seconds`` for one batch."""
-    allow_empty_unstable_sets()
     t0 = time.perf_counter()
     with torch.no_grad():
         pred = net.forward(x).argmax(1)
