@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.fig5_radii import experiment_parser, quick_robust_model, save_outputs
+from experiments._plot import save_outputs
+from experiments.fig5_radii import experiment_parser, quick_robust_model
 from polytope.data import load_dataset
 from polytope.dual import DualNetwork
 from polytope.models import load_released

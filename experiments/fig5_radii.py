@@ -39,6 +39,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from experiments import _plot
 from polytope.attacks import attack_error, fgsm, pgd
 from polytope.commands.radius import radius_rows
 from polytope.data import load_dataset
@@ -61,33 +62,11 @@ WRONG_COLOR = "#d7301f"
 # shared helpers
 # ---------------------------------------------------------------------------------------------
 def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The common options: ``--quick``, ``--seed``, ``--out``, ``--limit``, ``--no-progress``."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{name}",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="digits and tiny models: a smoke run of seconds")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the models trained here (default: 0)")
-    parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
-    parser.add_argument(
-        "--models-dir", type=Path, default=MODELS_DIR, help=f"cache of the models trained here (default: {MODELS_DIR})"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default: 1; more is much slower on a loaded machine)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    """:func:`experiments._plot.experiment_parser` plus ``--models-dir`` and ``--threads``."""
+    parser = _plot.experiment_parser(name, description)
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="cache of the models trained here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more is slower on a loaded machine)")
     return parser
-
-
-def save_outputs(fig: Figure, table: pd.DataFrame, out: Path, name: str, dpi: int = 150) -> tuple[Path, Path]:
-    """Write ``out/name.png`` and ``out/name.csv``; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    png, csv = out / f"{name}.png", out / f"{name}.csv"
-    fig.savefig(png, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    table.to_csv(csv, index=False)
-    return png, csv
 
 
 def trained_model(
@@ -299,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = pd.concat(parts, ignore_index=True)
     fig = plot(table, f"{dataset}, first {limit} test examples; robust = {rob_name}")
-    png, csv = save_outputs(fig, table, args.out, NAME)
+    png, csv = _plot.save_outputs(fig, table, args.out, NAME)
     print(f"wrote {png} and {csv} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

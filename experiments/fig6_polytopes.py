@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_lp_inner_geomean",
         "ratio_dual_geomean",
         "ratio_layerwise_geomean",
+        "gap_lp_geomean",
+        "gap_dual_geomean",
     ]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {png} and {csv} in {time.perf_counter() - start:.1f} s")

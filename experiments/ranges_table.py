@@ -107,32 +107,47 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def plot(table: pd.DataFrame) -> Figure:
-    """Width ratio to the true range (log scale), grouped by eps and output."""
-    fig, axes = _plot.panel_grid(1, 1, size=5.0)
-    ax = axes[0, 0]
+    """Top: width ratio to the true range (log scale) per eps and output; bottom: the ranges."""
+    fig = _plot.plt.figure(figsize=(8.0, 8.2), layout="constrained")
+    ax, tab = fig.subplots(2, 1, height_ratios=(3, 2))
     groups = list(table.groupby(["eps", "output"]))
     colours = {"lp": _plot.LP_EDGE, "dual": _plot.DUAL_COLOR, "layerwise": _plot.LAYERWISE_COLOR}
     width = 0.26
-    for i, ((_, _), g) in enumerate(groups):
+    for i, (_, g) in enumerate(groups):
         for k, method in enumerate(("lp", "dual", "layerwise")):
             v = float(g[g.method == method].width_ratio.iloc[0])
-            ax.bar(i + (k - 1) * width, v, width, color=colours[method], label=method if i == 0 else None)
-            ax.text(i + (k - 1) * width, v * 1.08, f"{v:.3g}", ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(range(len(groups)), [f"$\\epsilon$={e:g}\n$\\hat z_{{k,{j}}}$" for (e, j), _ in groups], fontsize=8)
+            ax.bar(i + (k - 1) * width, v, width, color=colours[method])
+            ax.text(i + (k - 1) * width, v * 1.08, f"{v:.3g}", ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(range(len(groups)), [f"$\\epsilon$={e:g}, $\\hat z_{{k,{j}}}$" for (e, j), _ in groups], fontsize=8)
     ax.set_yscale("log")
     ax.axhline(1.0, color="0.3", lw=0.8)
-    ax.set_ylim(0.8, table.width_ratio.max() * 6)
+    ax.set_ylim(0.8, table.width_ratio.max() * 8)
     ax.set_ylabel("range width / true range width (log)")
     ax.legend(
         handles=[
             _plot.Patch(color=colours["lp"], label="relaxed LP (eq. 19)"),
-            _plot.Patch(color=colours["dual"], label="dual J(±e_j) (Theorem 1)"),
-            _plot.Patch(color=colours["layerwise"], label="layerwise (eq. 42)"),
+            _plot.Patch(color=colours["dual"], label="dual bound J(±e_j) (Theorem 1)"),
+            _plot.Patch(color=colours["layerwise"], label="naive layerwise (eq. 42)"),
         ],
         fontsize=8,
         loc="upper left",
+        ncol=3,
     )
-    fig.suptitle("Eqs. (41)-(42): output ranges vs the true adversarial polytope (Figure 6, net 0)", fontsize=10)
+    cells = []
+    for (eps, j), g in groups:
+        cell = {m: g[g.method == m].iloc[0] for m in METHODS}
+        cells.append([f"{eps:g}", f"{j}", *(f"[{cell[m].lower:.3f}, {cell[m].upper:.3f}]" for m in METHODS)])
+    tab.axis("off")
+    t = tab.table(
+        cellText=cells,
+        colLabels=["ε", "output", "true (eq. 41)", "LP", "dual", "layerwise (eq. 42)"],
+        loc="center",
+        cellLoc="center",
+    )
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.scale(1.0, 1.35)
+    fig.suptitle("Eqs. (41)-(42): output ranges over the adversarial polytope (Figure 6, net 0)", fontsize=10)
     return fig
 
 

@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from experiments._plot import save_outputs
 from experiments.fig5_radii import (
     error_rates,
     experiment_parser,
     quick_robust_model,
-    save_outputs,
     standard_model,
     summarize_errors,
 )

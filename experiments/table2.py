@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from experiments.fig5_radii import error_rates, experiment_parser, save_outputs, summarize_errors, trained_model
+from experiments._plot import save_outputs
+from experiments.fig5_radii import error_rates, experiment_parser, summarize_errors, trained_model
 from polytope.data import load_dataset
 from polytope.errors import DatasetError
 from polytope.train import TrainConfig

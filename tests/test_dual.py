@@ -29,19 +29,11 @@ from strategies import (
     pre_activations,
     sample,
     seeds,
-    single_thread,
     unstable_eps,
 )
 from torch import nn
 
 import polytope as pt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
 
 N_SAMPLES = 5000  # from each of two samplers: 10^4 points per example
 

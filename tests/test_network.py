@@ -15,17 +15,10 @@ from strategies import (
     pre_activations,
     sample,
     seq_and_x,
-    single_thread,
 )
 from torch import nn
 
 import polytope as pt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def assert_sound(seq: nn.Sequential, x: torch.Tensor, input_set: pt.InputSet, n: int = 3000) -> pt.DualNetwork:

@@ -19,17 +19,10 @@ from strategies import (
     pgd_minimize,
     sample,
     seeds,
-    single_thread,
 )
 from torch import nn
 
 import polytope as pt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def labels(case, seed: int) -> torch.Tensor:

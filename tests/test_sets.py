@@ -18,16 +18,9 @@ from strategies import (
     project,
     sample,
     seeds,
-    single_thread,
 )
 
 import polytope as pt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @st.composite
