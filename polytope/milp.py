@@ -133,7 +133,8 @@ class ExactMILP:
         dual_bound = float(info.mip_dual_bound)
         has_point = int(info.primal_solution_status) == 2  # kSolutionStatusFeasible
         if cutoff is not None:
-            status, bound, message = _cutoff_outcome(status, dual_bound, float(cutoff), message)
+            incumbent = self.model.objective_value() if has_point else math.inf
+            status, bound, message = _cutoff_outcome(status, dual_bound, float(cutoff), message, incumbent)
         elif status == "optimal":
             bound = min(dual_bound, self.model.objective_value())
         else:
@@ -145,14 +146,19 @@ class ExactMILP:
         return LPResult(value, status, z_out, seconds, message, bound, z_in, layers, int(info.mip_node_count))
 
 
-def _cutoff_outcome(status: str, dual_bound: float, cutoff: float, message: str) -> tuple[str, float, str]:
+def _cutoff_outcome(
+    status: str, dual_bound: float, cutoff: float, message: str, incumbent: float
+) -> tuple[str, float, str]:
     """Read a HiGHS run with ``objective_bound = objective_target = cutoff``.
 
     HiGHS discards every branch whose bound reaches the cutoff, so a search that ends without
-    reaching the target -- reported as optimal (with a value that is *not* the minimum),
-    infeasible or objective-bound -- proves ``min >= cutoff``.
+    a point below the cutoff -- reported as optimal (with a value that is *not* the minimum),
+    infeasible or objective-bound -- proves ``min >= cutoff``.  A run that ends "optimal"
+    *with* an incumbent at or below the cutoff (the optimum was proven before the target
+    check fired) found a counterexample: that is ``"target"``, never a proof.
     """
-    if status == "target":
+    if status == "target" or (status == "optimal" and incumbent <= cutoff):
+        status = "target"
         return status, math.nan, f"found a point with objective <= {cutoff} ({message})"
     if status in ("optimal", "infeasible", "cutoff"):
         return "cutoff", cutoff, f"no point with objective below {cutoff} ({message})"

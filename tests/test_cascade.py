@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -22,6 +22,7 @@ def _net(seed: int, width: int = 10) -> tuple[nn.Sequential, pt.Network]:
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.2, 0.4, 0.7]))
+@example(seed=1340, eps=0.2)  # HiGHS proved the optimum (< 0) before its target check: once misread as a proof
 def test_cascade_verdicts_agree_with_milp(seed: int, eps: float) -> None:
     seq, net = _net(seed)
     x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -74,3 +75,29 @@ def test_unknown_rung_is_refused() -> None:
     _, net = _net(0)
     with pytest.raises(ValueError, match="unknown rungs"):
         Cascade(net, pt.LinfBall(0.1), rungs=("dual", "magic"))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.2, 0.5]))
+@example(seed=1340, eps=0.2)
+def test_milp_cutoff_agrees_with_the_plain_minimum(seed: int, eps: float) -> None:
+    """``solve(c, cutoff=0)`` proves ``min >= 0`` only when the true minimum is >= 0."""
+    from polytope.milp import ExactMILP
+
+    _, net = _net(seed)
+    x = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    y = int(net.forward(x[None]).argmax(1))
+    milp = ExactMILP(net, x, pt.LinfBall(eps))
+    for j in range(3):
+        if j == y:
+            continue
+        c = torch.zeros(3, dtype=torch.float64)
+        c[y], c[j] = 1.0, -1.0
+        plain = milp.solve(c)
+        early = milp.solve(c, cutoff=0.0)
+        assert plain.status == "optimal"
+        if plain.value < -1e-7:
+            assert early.status == "target"
+            assert early.z_in is not None
+        elif plain.value > 1e-7:
+            assert early.status == "cutoff"
