@@ -2,8 +2,8 @@
 
     python -m experiments.fig11_tightness [--quick] [--n 20] [--out figures/]
 
-Panels as in the paper: the robust (released) model, a randomly initialised model and a
-standard-trained model (the short-run baseline of :mod:`experiments.fig5_radii`); each point
+Panels as in the paper (``--models``): the robust (released) model, a randomly initialised model
+and a standard-trained model (the short-run baseline of :mod:`experiments.fig5_radii`); each point
 is one (example, target) pair ``c = e_y - e_j`` at eps = 0.1.  ``--quick`` uses sklearn digits
 models.  The CSV holds every row of :func:`polytope.lp.tightness_rows` with its model.
 """
@@ -28,14 +28,20 @@ from polytope.sets import LinfBall
 NAME = "fig11_tightness"
 
 
-def models(quick: bool, seed: int) -> tuple[list[tuple[str, torch.nn.Sequential]], str]:
-    """The three panels' models and their data set."""
+PANELS = ("robust", "random", "standard")
+
+
+def models(quick: bool, seed: int, panels: Sequence[str]) -> tuple[list[tuple[str, torch.nn.Sequential]], str]:
+    """The chosen panels' models (robust, random, standard) and their data set."""
     torch.manual_seed(seed)
-    if quick:
-        return [("robust (digits)", quick_robust_model(seed=seed)[0]), ("random", build_arch("digits_mlp").eval()),
-                ("standard (digits)", standard_model(quick=True, seed=seed)[0])], "digits"
-    return [("robust (released)", load_released("mnist")), ("random", build_arch("mnist").eval()),
-            ("standard", standard_model(seed=seed)[0])], "mnist"
+    arch, dataset = ("digits_mlp", "digits") if quick else ("mnist", "mnist")
+    build = {
+        "robust": lambda: ("robust (digits)", quick_robust_model(seed=seed)[0]) if quick
+        else ("robust (released)", load_released("mnist")),
+        "random": lambda: ("random", build_arch(arch).eval()),
+        "standard": lambda: (f"standard ({dataset})", standard_model(quick=quick, seed=seed)[0]),
+    }
+    return [build[name]() for name in panels], dataset
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,9 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = experiment_parser(NAME, __doc__)
     parser.add_argument("--n", type=int, default=None, help="test examples per model (default 20, quick 3)")
     parser.add_argument("--eps", type=float, default=0.1, help="l_inf radius")
+    parser.add_argument("--models", nargs="+", choices=PANELS, default=list(PANELS),
+                        help="panels to draw (random and standard MNIST models have thousands of unstable units "
+                             "at eps 0.1: minutes per example)")
     args = parser.parse_args(argv)
     n = args.n or (3 if args.quick else 20)
-    panels, dataset = models(args.quick, args.seed)
+    panels, dataset = models(args.quick, args.seed, args.models)
     x, y = load_dataset(dataset, "test", limit=n)
     rows = []
     for label, seq in panels:
@@ -54,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in tightness_rows(net, x[i:i + 1].double(), int(y[i]), LinfBall(args.eps)):
                 rows.append({"model": label, "index": i, **row})
     table = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    for ax, (label, _) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
+    for ax, (label, _) in zip(axes[0], panels, strict=True):
         part = table[(table["model"] == label) & (table["lp_status"] == "optimal")]
         ax.scatter(part["lp"], part["dual"], s=8, alpha=0.6)
         lo, hi = min(part["lp"].min(), part["dual"].min()), max(part["lp"].max(), part["dual"].max())

@@ -81,3 +81,19 @@ def test_certification_is_monotone_in_eps(released_mnist) -> None:
     certs = torch.stack([pt.certify(net, x[:20], pt.LinfBall(e), y=y[:20]) for e in (0.0, 0.02, 0.05, 0.1, 0.12,
                                                                                       0.2)])
     assert (certs[1:] <= certs[:-1]).all()
+
+
+def test_fig11_quick_points_lie_below_the_diagonal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figure 11 (quick, digits): three panels, and every dual bound is <= its LP optimum."""
+    import pandas as pd
+
+    from experiments import fig11_tightness
+
+    monkeypatch.chdir(tmp_path)  # the digits models are cached under ./runs/models
+    assert fig11_tightness.main(["--quick", "--no-progress", "--out", str(tmp_path), "--n", "2"]) == 0
+    assert (tmp_path / "fig11_tightness.png").stat().st_size > 1000
+    table = pd.read_csv(tmp_path / "fig11_tightness.csv")
+    solved = table[table["lp_status"] == "optimal"]
+    assert len(solved) == len(table) > 0
+    assert (solved["dual"] <= solved["lp"] + 1e-6).all()
+    assert set(table["model"].str.split(" ").str[0]) == {"robust", "random", "standard"}
