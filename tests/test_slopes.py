@@ -1,0 +1,68 @@
+"""Optimised slopes in every layer: never worse than fixed or adaptive, never above the truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import polytope as pt
+from polytope.milp import ExactMILP
+
+
+def _fc(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3)).double()
+
+
+def _conv(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=1, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.1, 0.3, 0.6]))
+def test_optimized_between_fixed_adaptive_and_the_exact_minimum(seed: int, eps: float) -> None:
+    seq = _fc(seed)
+    net = pt.Network.from_torch(seq)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    c = torch.randn(2, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    input_set = pt.LinfBall(eps)
+    j_fixed = pt.DualNetwork(net, x, input_set).objective(c)
+    j_adaptive = pt.DualNetwork(net, x, input_set, slopes="adaptive").objective(c)
+    j_opt, alpha = pt.optimize_slopes(net, x, input_set, c, steps=15)
+    assert (j_opt >= torch.maximum(j_fixed, j_adaptive) - 1e-12).all()
+    assert all(((a >= 0) & (a <= 1)).all() for a in alpha)
+    for b in range(2):
+        milp = ExactMILP(net, x[b], input_set)
+        for m in range(2):
+            exact = milp.solve(c[b, m])
+            assert exact.status == "optimal"
+            assert j_opt[b, m] <= exact.value + 1e-6
+
+
+def test_optimized_conv_below_sampled_minimum() -> None:
+    seq = _conv(0)
+    net = pt.Network.from_torch(seq)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    input_set = pt.LinfBall(0.15)
+    j_opt, _ = pt.optimize_slopes(net, x, input_set, c, steps=10)
+    j_fixed = pt.DualNetwork(net, x, input_set).objective(c)
+    assert (j_opt >= j_fixed - 1e-12).all()
+    points = input_set.sample(x, 4000, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        values = torch.einsum("bmo,bno->bmn", c, torch.stack([seq(points[b]) for b in range(2)]))
+    assert (j_opt <= values.min(2).values + 1e-9).all()
+
+
+def test_custom_slopes_are_checked() -> None:
+    net = pt.Network.from_torch(_fc(0))
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(pt.ShapeMismatchError):
+        pt.DualNetwork(net, x, pt.LinfBall(0.1), slopes=[torch.zeros(1, 10, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="steps"):
+        pt.optimize_slopes(net, x, pt.LinfBall(0.1), torch.ones(1, 1, 3, dtype=torch.float64), steps=-1)
