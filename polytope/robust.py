@@ -41,10 +41,14 @@ def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tens
 def margin_bounds(
     net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
 ) -> torch.Tensor:
-    """``J(x, g(e_y 1^T - I))``: ``(B, n)`` lower bounds on ``f_y - f_j`` over ``S(x)``; entry ``y`` is 0."""
-    dual = DualNetwork(net, x, input_set, slopes=slopes)
-    n = dual.shapes[-1][0]
-    return dual.objective(margin_objective(y, n, x.dtype))
+    """``J(x, g(e_y 1^T - I))``: ``(B, n)`` lower bounds on ``f_y - f_j`` over ``S(x)``; entry ``y`` is 0.
+
+    ``slopes="optimized"`` runs :func:`polytope.slopes.optimize_slopes` (default budget).
+    """
+    c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
+    if slopes == "optimized":
+        return optimize_slopes(net, x, input_set, c)[0]
+    return DualNetwork(net, x, input_set, slopes=slopes).objective(c)
 
 
 def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -85,9 +89,7 @@ def certify(
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))
         return torch.tensor([v.verdict == "certified" for v in verdicts], device=x.device)
     if method == "optimized":
-        n = net.shapes(tuple(x.shape[1:]))[-1][0]
-        margins, _ = optimize_slopes(net, x, input_set, margin_objective(y, n, x.dtype))
-        return certified_by_margins(margins, y)
+        return certified_by_margins(margin_bounds(net, x, y, input_set, "optimized"), y)
     slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive"}.get(method)
     if slopes is None:
         raise ValueError(

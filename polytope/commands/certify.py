@@ -24,7 +24,7 @@ import torch
 from polytope.cascade import RUNGS, Cascade, Verdict
 from polytope.commands import common
 from polytope.network import Network
-from polytope.robust import margin_objective, worst_margin
+from polytope.robust import worst_margin
 from polytope.runner import (
     RunSpec,
     add_runner_arguments,
@@ -34,8 +34,6 @@ from polytope.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.sets import InputSet
-from polytope.slopes import optimize_slopes
 
 SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
 
@@ -106,22 +104,14 @@ def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
         t0 = time.perf_counter()
         with torch.no_grad():
             pred = net.forward(x).argmax(1)
-        margin = _worst_margin(net, x, y, payload["input_set"], payload["method"])
+        slopes = {"dual": "fixed", "adaptive": "adaptive", "optimized": "optimized"}[payload["method"]]
+        with torch.set_grad_enabled(slopes == "optimized"):
+            margin = worst_margin(net, x, y, payload["input_set"], slopes=slopes).detach()
         seconds = (time.perf_counter() - t0) / len(idx)
         for i, lab, p, m in zip(idx.tolist(), y.tolist(), pred.tolist(), margin.tolist(), strict=True):
             rows.append({"index": i, "label": lab, "prediction": p, "correct": lab == p,
                          "certified": m > 0, "margin_lower": m, "seconds": seconds})
     return pd.DataFrame(rows)
-
-
-def _worst_margin(net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, method: str) -> torch.Tensor:
-    """``min_{j != y}`` of the margin lower bounds of ``method`` (dual, adaptive, optimized)."""
-    if method == "optimized":
-        c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
-        margins, _ = optimize_slopes(net, x, input_set, c)
-        return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
-    with torch.no_grad():
-        return worst_margin(net, x, y, input_set, slopes="fixed" if method == "dual" else "adaptive")
 
 
 def run_certify(args: argparse.Namespace) -> int:
