@@ -22,7 +22,7 @@ import torch
 from polytope.attacks import pgd
 from polytope.dual import DualNetwork
 from polytope.errors import PolytopeError, SolverError
-from polytope.lp import RelaxedLP, as_float64
+from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
 from polytope.robust import margin_objective
@@ -67,17 +67,23 @@ def _margin64(net64: Network, point: torch.Tensor, label: int) -> float:
     return float(f[label] - others.max())
 
 
-def _check_counterexample(net64: Network, x: torch.Tensor, point: torch.Tensor, label: int,
-                          input_set: InputSet, index: int, tol: float = 1e-7) -> bool:
-    """True when ``point`` lies in the set and is misclassified; raises when it is far off."""
+def verified_point(net64: Network, x: torch.Tensor, point: torch.Tensor, label: int,
+                    input_set: InputSet, index: int, tol: float = 1e-6) -> np.ndarray | None:
+    """``point`` clamped into the set in float64 when it is misclassified there (margin ``<= 0``).
+
+    Returns ``None`` when the clamped point is not misclassified (a borderline attack); raises
+    :class:`CounterexampleError` when ``point`` lies farther than ``tol`` outside the set or is far
+    from misclassified (a solver's point that does not reproduce is a bug, never a verdict).
+    """
     lo, hi = input_set.box(x.reshape(1, *x.shape).double())
-    inside = bool(((point.double() >= lo[0] - tol) & (point.double() <= hi[0] + tol)).all())
-    if not inside:
+    p = point.detach().cpu().double().reshape(lo[0].shape)
+    if not bool(((p >= lo[0] - tol) & (p <= hi[0] + tol)).all()):
         raise CounterexampleError(f"example {index}: the counterexample leaves the input set")
-    margin = _margin64(net64, point, label)
+    p = torch.minimum(torch.maximum(p, lo[0]), hi[0])
+    margin = _margin64(net64, p, label)
     if margin > 1e-6:
         raise CounterexampleError(f"example {index}: counterexample has margin {margin:.3g} > 0 in float64")
-    return margin <= 0
+    return p.numpy() if margin <= 0 else None
 
 
 @dataclass
@@ -105,6 +111,7 @@ class Cascade:
         proven = torch.zeros(len(x), n_out, dtype=torch.bool)
         proven[torch.arange(len(x)), y.cpu()] = True
         self._clean(x, y, verdicts)
+        tightened: dict[int, FlatBounds] = {}  # example -> its LP-all layer bounds, reused by the MILP
         for rung in self.rungs:
             open_ = [k for k, v in enumerate(verdicts) if v.verdict == "undecided"]
             if not open_:
@@ -115,7 +122,7 @@ class Cascade:
                 self._dual(rung, x, y, verdicts, open_, proven)
             else:
                 for k in open_:
-                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k])
+                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []))
         return verdicts
 
     def _clean(self, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict]) -> None:
@@ -136,10 +143,10 @@ class Cascade:
             v = verdicts[k]
             v.seconds["attack"] = seconds
             v.margins["attack"] = _margin64(self.net64, x_adv[j], v.label)
-            if v.margins["attack"] <= 0 and _check_counterexample(self.net64, x[k], x_adv[j], v.label,
-                                                                  self.input_set, v.index):
-                v.verdict, v.rung = "not_robust", "attack"
-                v.counterexample = x_adv[j].detach().cpu().double().numpy()
+            if v.margins["attack"] <= 0:
+                point = verified_point(self.net64, x[k], x_adv[j], v.label, self.input_set, v.index)
+                if point is not None:
+                    v.verdict, v.rung, v.counterexample = "not_robust", "attack", point
 
     def _dual(self, rung: str, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict], open_: list[int],
               proven: torch.Tensor) -> None:
@@ -148,7 +155,11 @@ class Cascade:
         xb, yb = x[idx], y[idx]
         c = margin_objective(yb, proven.shape[1], x.dtype)
         if rung == "optimized":
-            margins, _ = optimize_slopes(self.net, xb, self.input_set, c, steps=self.optimize_steps)
+            # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
+            c = c * (~proven[idx]).to(c.dtype).unsqueeze(2).to(c.device)
+            margins, _ = optimize_slopes(self.net, xb, self.input_set, c, steps=self.optimize_steps,
+                                         until_positive=True)
+            margins = torch.where(proven[idx].to(margins.device), torch.inf, margins)  # as the solver rungs
         else:
             with torch.no_grad():
                 slopes = "fixed" if rung == "dual" else "adaptive"
@@ -166,16 +177,20 @@ class Cascade:
         if v.verdict == "undecided" and bool(proven.all()):
             v.verdict, v.rung = "certified", rung
 
-    def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor) -> None:
+    def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
+                tightened: FlatBounds) -> None:
+        """An LP or MILP rung for one example; ``tightened`` carries LP-all bounds from rung to rung."""
         t0 = time.perf_counter()
         n_out = proven.shape[0]
         margins = torch.full((n_out,), math.inf, dtype=torch.float64)
         try:
             if rung == "milp":
-                self._milp(x, label, v, proven, margins)
+                self._milp(x, label, v, proven, margins, tightened or "lp-all")
             else:
                 lp = RelaxedLP(self.net64, x, self.input_set, bounds="dual" if rung == "lp" else "lp-all",
                                time_limit=self.time_limit)
+                if rung == "lp-all":
+                    tightened[:] = lp.bounds
                 for j in (~proven).nonzero().flatten().tolist():
                     c = torch.zeros(n_out, dtype=torch.float64)
                     c[label], c[j] = 1.0, -1.0
@@ -189,9 +204,10 @@ class Cascade:
             return
         self._record(v, rung, margins, time.perf_counter() - t0, proven)
 
-    def _milp(self, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor, margins: torch.Tensor) -> None:
+    def _milp(self, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor, margins: torch.Tensor,
+              bounds: FlatBounds | str) -> None:
         """One MIP per open target, stopped at the threshold 0: a proof or a counterexample."""
-        milp = ExactMILP(self.net64, x, self.input_set, bounds="lp-all", time_limit=self.time_limit,
+        milp = ExactMILP(self.net64, x, self.input_set, bounds=bounds, time_limit=self.time_limit,
                          max_unstable=self.milp_max_unstable)
         n_out = proven.shape[0]
         timed_out = False
@@ -205,8 +221,9 @@ class Cascade:
             elif result.status == "target" and result.z_in is not None:
                 point = torch.from_numpy(result.z_in).reshape(x.shape)
                 margins[j] = _margin64(self.net64, point, label)
-                if _check_counterexample(self.net64, x, point, label, self.input_set, v.index):
-                    v.verdict, v.rung, v.counterexample = "not_robust", "milp", point.numpy()
+                verified = verified_point(self.net64, x, point, label, self.input_set, v.index)
+                if verified is not None:
+                    v.verdict, v.rung, v.counterexample = "not_robust", "milp", verified
                     return
             else:
                 timed_out = True

@@ -78,8 +78,9 @@ def certify(
     """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
 
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
-    (:func:`polytope.slopes.optimize_slopes`, 20 steps), ``"lp"``, ``"lp-all"``, ``"milp"``
-    (each alone) or ``"cascade"`` (all rungs, cheapest first; see :mod:`polytope.cascade`).
+    (:func:`polytope.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
+    ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
+    see :mod:`polytope.cascade`).
     """
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "milp", "cascade"):
@@ -88,16 +89,26 @@ def certify(
         rungs = RUNGS if method == "cascade" else (method,)
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))
         return torch.tensor([v.verdict == "certified" for v in verdicts], device=x.device)
-    if method == "optimized":
-        return certified_by_margins(margin_bounds(net, x, y, input_set, "optimized"), y)
-    slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive"}.get(method)
+    return certified_by_margins(certificate_margins(net, x, y, input_set, method), y)
+
+
+def certificate_margins(net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet,
+                        method: str = "dual") -> torch.Tensor:
+    """``(B, n)`` margin bounds ``J_j`` for a bound method: ``"dual"``, ``"adaptive"`` or ``"optimized"``.
+
+    ``"optimized"`` stops each example as soon as it is certified (``until_positive``), so its
+    margins are valid bounds that are not maximised beyond 0.
+    """
+    slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive", "optimized": "optimized"}.get(method)
     if slopes is None:
         raise ValueError(
             f"unknown method {method!r}: use 'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'milp' or 'cascade'"
         )
+    if slopes == "optimized":
+        c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
+        return optimize_slopes(net, x, input_set, c, until_positive=True)[0]
     with torch.no_grad():
-        margins = margin_bounds(net, x, y, input_set, slopes)  # type: ignore[arg-type]
-    return certified_by_margins(margins, y)
+        return margin_bounds(net, x, y, input_set, slopes)  # type: ignore[arg-type]
 
 
 def worst_margin(

@@ -66,3 +66,51 @@ def test_custom_slopes_are_checked() -> None:
         pt.DualNetwork(net, x, pt.LinfBall(0.1), slopes=[torch.zeros(1, 10, dtype=torch.float64)])
     with pytest.raises(ValueError, match="steps"):
         pt.optimize_slopes(net, x, pt.LinfBall(0.1), torch.ones(1, 1, 3, dtype=torch.float64), steps=-1)
+
+
+def test_batch_shrinking_matches_each_example_alone() -> None:
+    """Examples leave the batch at different steps; each one's result is what it gets alone.
+
+    (Slopes agree to rounding only: Adam's normalised step turns 1e-16 gradient noise into 1e-7.)
+    """
+    net = pt.Network.from_torch(_conv(3))
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    c = torch.randn(4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    input_set = pt.LinfBall(0.2)
+    j_batch, a_batch = pt.optimize_slopes(net, x, input_set, c, steps=12, patience=2)
+    for b in range(4):
+        j_one, a_one = pt.optimize_slopes(net, x[b:b + 1], input_set, c[b:b + 1], steps=12, patience=2)
+        assert torch.allclose(j_batch[b], j_one[0], atol=1e-10, rtol=0)
+        for ab, ao in zip(a_batch, a_one, strict=True):
+            assert torch.allclose(ab[b], ao[0], atol=1e-5, rtol=0)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.05, 0.2, 0.4]))
+def test_until_positive_is_sound_and_stops_certified_examples(seed: int, eps: float) -> None:
+    seq = _fc(seed)
+    net = pt.Network.from_torch(seq)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    y = net.forward(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # two misclassified examples: nothing can certify them
+    c = pt.robust.margin_objective(y, 3, torch.float64)
+    input_set = pt.LinfBall(eps)
+    j_fixed = pt.DualNetwork(net, x, input_set).objective(c)
+    j_adaptive = pt.DualNetwork(net, x, input_set, slopes="adaptive").objective(c)
+    start = torch.maximum(j_fixed, j_adaptive)
+    j_opt, _ = pt.optimize_slopes(net, x, input_set, c, steps=15, until_positive=True)
+    assert (j_opt >= start - 1e-12).all()
+    assert (j_opt[:, :].gather(1, y[:, None]) == 0).all()  # the trivial row c = 0 stays J = 0
+    already = pt.robust.certified_by_margins(start, y)
+    skipped = already.clone()
+    skipped[:2] = True
+    assert torch.equal(j_opt[skipped], start[skipped])  # certified at the warm start or hopeless: no step
+    ok = pt.certify(net, x, input_set, y=y, method="optimized")
+    assert (ok | ~already).all()
+    for b in range(6):
+        milp = ExactMILP(net, x[b], input_set)
+        for m in range(3):
+            if m != int(y[b]):
+                exact = milp.solve(c[b, m])
+                assert exact.status == "optimal"
+                assert j_opt[b, m] <= exact.value + 1e-6

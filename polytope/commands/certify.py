@@ -24,7 +24,7 @@ import torch
 from polytope.cascade import RUNGS, Cascade, Verdict
 from polytope.commands import common
 from polytope.network import Network
-from polytope.robust import worst_margin
+from polytope.robust import certificate_margins
 from polytope.runner import (
     RunSpec,
     add_runner_arguments,
@@ -34,6 +34,7 @@ from polytope.runner import (
     run_kwargs_from_args,
     write_csv,
 )
+from polytope.sets import InputSet
 
 SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
 
@@ -104,9 +105,8 @@ def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
         t0 = time.perf_counter()
         with torch.no_grad():
             pred = net.forward(x).argmax(1)
-        slopes = {"dual": "fixed", "adaptive": "adaptive", "optimized": "optimized"}[payload["method"]]
-        with torch.set_grad_enabled(slopes == "optimized"):
-            margin = worst_margin(net, x, y, payload["input_set"], slopes=slopes).detach()
+        margins = certificate_margins(net, x, y, payload["input_set"], payload["method"]).detach()
+        margin = margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
         seconds = (time.perf_counter() - t0) / len(idx)
         for i, lab, p, m in zip(idx.tolist(), y.tolist(), pred.tolist(), margin.tolist(), strict=True):
             rows.append({"index": i, "label": lab, "prediction": p, "correct": lab == p,
@@ -114,23 +114,42 @@ def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def certify_table(
+    seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, *, method: str, data: str,
+    options: dict[str, Any], batch_size: int = 50, time_limit: float = 60.0, device: str = "cpu",
+    counterexamples: str | None = None, indices: list[int] | None = None, chunk_size: int = 100,
+    **run_kwargs: Any,
+) -> pd.DataFrame:
+    """The rows of ``polytope certify`` for ``x[indices]`` (all by default), resumable in the store.
+
+    ``input_set`` has one float ``eps``.  ``data`` names the data set (``"mnist:test"``) and
+    ``options`` the settings of the input set and dtype (``norm``, ``clip``, ``dtype``); with
+    ``method`` and ``time_limit`` they form the run key, so every caller with the same settings
+    shares stored results.
+    """
+    spec = RunSpec(
+        command="certify", model_hash=model_hash(seq), data=data, eps=float(input_set.eps),
+        options={**options, "method": method, "time_limit": time_limit if method in SOLVER_METHODS else None},
+        n_examples=len(x) if indices is None else None, indices=indices,
+        chunk_size=max(chunk_size, batch_size),
+    )
+    payload = {"model": seq.cpu(), "x": x.cpu(), "y": y.cpu(), "input_set": input_set, "device": device,
+               "method": method, "batch_size": batch_size, "time_limit": time_limit,
+               "counterexamples": counterexamples}
+    return run(spec, certify_chunk, payload=payload, **run_kwargs)
+
+
 def run_certify(args: argparse.Namespace) -> int:
     """Run ``polytope certify``; prints the clean and robust error."""
     seq, _ = common.load_network_arg(args)
     x, y = common.load_data_arg(args)
     input_set = common.input_set_arg(args)
-    device = compute_device(args, args.device)
-    spec = RunSpec(
-        command="certify", model_hash=model_hash(seq), data=f"{args.data}:{args.split}", eps=args.eps,
-        options={"norm": args.norm, "clip": args.clip, "method": args.method,
-                 "dtype": "float64" if args.float64 else "float32",
-                 "time_limit": args.time_limit if args.method in SOLVER_METHODS else None},
-        n_examples=len(x), chunk_size=max(args.chunk_size, args.batch_size),
+    df = certify_table(
+        seq, x, y, input_set, method=args.method, data=f"{args.data}:{args.split}",
+        options={"norm": args.norm, "clip": args.clip, "dtype": "float64" if args.float64 else "float32"},
+        batch_size=args.batch_size, time_limit=args.time_limit, device=compute_device(args, args.device),
+        counterexamples=args.counterexamples, chunk_size=args.chunk_size, **run_kwargs_from_args(args),
     )
-    payload = {"model": seq.cpu(), "x": x.cpu(), "y": y.cpu(), "input_set": input_set, "device": device,
-               "method": args.method, "batch_size": args.batch_size, "time_limit": args.time_limit,
-               "counterexamples": args.counterexamples}
-    df = run(spec, certify_chunk, payload=payload, **run_kwargs_from_args(args))
     if args.out is not None:
         write_csv(df, args.out)
     n = len(df)

@@ -1,0 +1,272 @@
+"""The tightness ladder on a released model: each bound's certified error and its price.
+
+For the paper's released MNIST (or Fashion-MNIST) model at ``eps = 0.1`` every method of
+``polytope certify --method`` runs over the test set, through the resumable runner (the
+results are the very rows of ``polytope certify`` and share its store):
+
+* ``dual`` (the paper's bound), ``adaptive`` and ``optimized`` slopes: every example;
+* ``cascade``: attack, then each rung while undecided, up to the exact MILP -- every example
+  ends certified or with a verified counterexample (or ``timeout``, counted apart);
+* ``lp`` (eq. 19 with the dual's layer bounds) only where the dual fails: the LP optimum is at
+  least the dual bound (``J`` is a feasible value of the LP's dual), so the dual's certificates
+  are the LP's too; ``lp-all`` likewise only where the LP fails.  Their times are the cost of
+  reaching their count that way (dual, then LP on the rest, then LP-all on the rest).  Examples
+  with a verified counterexample (from the cascade) are skipped: no sound bound certifies them.
+
+Outputs ``ladder_<dataset>[_box].png`` (certified error against total seconds, log scale, with
+the paper's bound and the literature's exact MILP value marked), ``..._summary.csv`` (one row per
+method) and ``....csv`` (one row per example: label, each method's margin lower bound, the
+cascade's verdict, deciding rung and seconds).  ``--clip 0 1`` intersects the ball with the pixel
+box (``BoxedLinfBall``), as the exact results in the literature do.
+
+    python -m experiments.ladder [--dataset mnist] [--clip 0 1] [--methods ...] [--limit N] [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from experiments import _plot
+from polytope.cascade import CounterexampleError, verified_point
+from polytope.commands.certify import certify_table
+from polytope.data import load_dataset
+from polytope.lp import as_float64
+from polytope.models import load_released
+from polytope.network import Network
+from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+
+METHODS = ("dual", "adaptive", "cascade", "optimized", "lp", "lp-all")
+#: Which cheaper method's certificates a method inherits (it runs only where that one fails).
+AFTER = {"lp": "dual", "lp-all": "lp"}
+#: Published not-certified percentages at eps = 0.1 (Table 1 of the paper; Tjeng et al. 2019, box [0, 1]).
+PUBLISHED = {
+    "mnist": {"paper's dual bound (Table 1)": 5.82, "exact MILP, Tjeng et al. 2019 (box [0, 1])": 4.38,
+              "paper's PGD (Table 1)": 4.11},
+    "fashion_mnist": {"paper's dual bound (Table 1)": 34.53, "paper's PGD (Table 1)": 31.63},
+}
+EMPTY = {"index": "int64", "label": "int64", "prediction": "int64", "correct": "bool", "certified": "bool",
+         "margin": "float64", "seconds": "float64"}
+COLORS = {"dual": "#1f4e9c", "adaptive": "#4a90d9", "optimized": "#7b3fb0", "lp": "#1b7a1b",
+          "lp-all": "#5fb35f", "cascade": "#b03030"}
+
+
+def parse_args(argv: list[str] | None):
+    parser = _plot.experiment_parser("ladder", __doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="mnist", choices=sorted(PUBLISHED), help="released model and its data")
+    parser.add_argument("--data-dir", default=None, help="data directory (default: $POLYTOPE_DATA, ../shared/data)")
+    parser.add_argument("--eps", type=float, default=0.1, help="l_inf radius")
+    parser.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="intersect the ball with the box [LO, HI] (e.g. 0 1)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--limit", type=int, default=None, help="first N test images (default: all; quick: 30)")
+    parser.add_argument("--indices", default=None, help="comma-separated test indices instead of --limit")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per LP/MIP solve")
+    parser.add_argument("--retry-time-limit", type=float, default=600.0,
+                        help="seconds per MIP when the cascade's timeouts are retried (0: no retry)")
+    parser.add_argument("--batch-size", type=int, default=50, help="examples per batch")
+    parser.add_argument("--store", default="runs", help="results store (shared with polytope certify)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+    args.methods = tuple(m for m in METHODS if m in methods)  # dependency order
+    try:
+        args.indices = None if args.indices is None else sorted({int(i) for i in args.indices.split(",") if i})
+    except ValueError:
+        parser.error(f"--indices must be comma-separated integers, got {args.indices!r}")
+    if args.indices is not None and (not args.indices or args.indices[0] < 0):
+        parser.error("--indices must name test examples (integers >= 0)")
+    if args.quick and args.limit is None and args.indices is None:
+        args.limit = 30
+    return args
+
+
+def stem(dataset: str, clip: list[float] | None) -> str:
+    return f"ladder_{dataset}" + ("" if clip is None else "_box")
+
+
+def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                input_set: InputSet) -> dict[str, pd.DataFrame]:
+    """Each method's ``polytope certify`` rows (LP rungs on their subsets only)."""
+    cex = Path(args.store) / "counterexamples" / stem(args.dataset, args.clip)
+    common = {"data": f"{args.dataset}:test", "options": {"norm": "linf", "clip": args.clip, "dtype": "float32"},
+              "batch_size": args.batch_size, "time_limit": args.time_limit, "store_dir": args.store,
+              "progress": not args.no_progress}
+    tables: dict[str, pd.DataFrame] = {}
+    for method in args.methods:
+        indices = args.indices
+        if method in AFTER:
+            before = tables.get(AFTER[method])
+            if before is None:
+                raise SystemExit(f"--methods: {method} needs {AFTER[method]} (it runs where {AFTER[method]} fails)")
+            refuted = set()
+            if "cascade" in tables:
+                c = tables["cascade"]
+                refuted = set(c.loc[c["verdict"] == "not_robust", "index"])
+            indices = sorted(set(before.loc[~(before["certified"] & before["correct"]), "index"]) - refuted)
+        print(f"{method}: {len(x) if indices is None else len(indices)} examples", flush=True)
+        if indices == []:
+            tables[method] = pd.DataFrame({c: pd.Series(dtype=t) for c, t in EMPTY.items()}).rename(
+                columns={"margin": f"{method}_margin"})
+            continue
+        start = time.perf_counter()
+        tables[method] = certify_table(seq, x, y, input_set, method=method, indices=indices,
+                                       counterexamples=str(cex) if method == "cascade" else None, **common)
+        if method == "cascade" and args.retry_time_limit:
+            tables[method] = retry_timeouts(tables[method], args.retry_time_limit, seq, x, y, input_set, cex, common)
+        if method == "cascade":
+            checked = verify_counterexamples(tables[method], as_float64(Network.from_torch(seq)), x, input_set, cex)
+            print(f"cascade: {checked} counterexamples re-checked by a float64 forward pass", flush=True)
+        print(f"{method}: done in {time.perf_counter() - start:.1f} s (wall, this call)", flush=True)
+    return tables
+
+
+def verify_counterexamples(table: pd.DataFrame, net64: Network, x: torch.Tensor, input_set: InputSet,
+                           cex: Path) -> int:
+    """Re-check every saved counterexample in float64 (clamped into the set); raise on any that fails."""
+    checked = 0
+    for index, label in table.loc[(table["verdict"] == "not_robust") & (table["rung"] != "clean"),
+                                  ["index", "label"]].itertuples(index=False):
+        path = cex / f"{index}.npz"
+        if not path.exists():
+            raise CounterexampleError(f"example {index}: not robust, but {path} is missing")
+        with np.load(path) as saved:
+            point = torch.from_numpy(saved["x_adv"])
+        if verified_point(net64, x[index], point, int(label), input_set, int(index)) is None:
+            raise CounterexampleError(f"example {index}: the saved counterexample {path} is not misclassified")
+        checked += 1
+    return checked
+
+
+def retry_timeouts(table: pd.DataFrame, time_limit: float, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   input_set: InputSet, cex: Path, common: dict) -> pd.DataFrame:
+    """Re-run the cascade's ``timeout`` examples with a longer limit per MIP; their rows replace the first ones.
+
+    ``seconds`` of a retried example adds both passes; ``retried`` marks it.
+    """
+    timed_out = table.loc[table["verdict"] == "timeout", "index"].tolist()
+    table = table.assign(retried=False)
+    if not timed_out:
+        return table
+    print(f"cascade: retrying {len(timed_out)} timeout(s) with {time_limit:g} s per MIP", flush=True)
+    again = certify_table(seq, x, y, input_set, method="cascade", indices=timed_out, counterexamples=str(cex),
+                          **{**common, "time_limit": time_limit}).set_index("index")
+    first = table.set_index("index")
+    again["seconds"] = again["seconds"] + first.loc[again.index, "seconds"]
+    again["retried"] = True
+    first.loc[again.index, again.columns] = again
+    return first.reset_index()
+
+
+def summarize(tables: dict[str, pd.DataFrame], n: int) -> pd.DataFrame:
+    """One row per method: not certified (of ``n``), the percentage and the total seconds."""
+    rows, totals, certified = [], {}, {}
+    for method, df in tables.items():
+        certified[method] = int((df["certified"] & df["correct"]).sum())
+        seconds = float(df["seconds"].sum())
+        if method in AFTER:
+            certified[method] += certified[AFTER[method]]
+            seconds += totals[AFTER[method]]
+        totals[method] = seconds
+        not_certified = n - certified[method]
+        row = {"method": method, "examples_run": len(df), "not_certified": not_certified,
+               "certified_error_pct": 100.0 * not_certified / n, "seconds_total": seconds}
+        if method == "cascade":
+            counts = df["verdict"].value_counts()
+            row.update({f"verdict_{k}": int(v) for k, v in counts.items()})
+            row["note"] = "exact when no timeout: " + ", ".join(
+                f"{k} {v}" for k, v in df["rung"].value_counts().items())
+        elif method in AFTER:
+            row["note"] = f"run where {AFTER[method]} fails; seconds include {AFTER[method]}'s"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_example(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per example: every method's worst-margin lower bound and seconds, the cascade's verdict."""
+    base = next(iter(tables.values()))[["index", "label", "prediction", "correct"]]
+    out = base.set_index("index")
+    for method, df in tables.items():
+        d = df.set_index("index")
+        if method == "cascade":
+            out = out.join(d[["verdict", "rung", "status", "seconds"]].rename(
+                columns={"rung": "deciding_rung", "seconds": "cascade_seconds"}))
+            continue
+        margin = d["margin_lower"] if "margin_lower" in d else d[f"{method}_margin"]
+        out[f"{method}_margin"] = margin
+        out[f"{method}_seconds"] = d["seconds"]
+    return out.reset_index().sort_values("index")
+
+
+def plot(summary: pd.DataFrame, dataset: str, n: int, clip: list[float] | None, attack_pct: float | None) -> Figure:
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    for _, r in summary.iterrows():
+        ax.scatter(r["seconds_total"], r["certified_error_pct"], s=60, color=COLORS[r["method"]], zorder=3)
+        label = f"{r['method']}: {int(r['not_certified'])} ({r['certified_error_pct']:.2f}%)"
+        ax.annotate(label, (r["seconds_total"], r["certified_error_pct"]), textcoords="offset points",
+                    xytext=(7, 4), fontsize=8)
+    styles = iter(["--", ":", "-."])
+    for name, pct in PUBLISHED[dataset].items():
+        ax.axhline(pct, color="0.4", ls=next(styles), lw=1, label=f"{name}: {pct:.2f}%")
+    if attack_pct is not None:
+        ax.axhline(attack_pct, color="#d7301f", lw=0.8, alpha=0.6,
+                   label=f"verified counterexamples (clean, PGD, MILP): {attack_pct:.2f}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("total compute seconds for the test set (one thread; log scale)")
+    ax.set_ylabel("certified robust error (% not certified)")
+    box = "" if clip is None else f", box [{clip[0]:g}, {clip[1]:g}]"
+    ax.set_title(f"Tightness ladder: released {dataset} model, eps = 0.1 (l_inf{box}), {n} test images",
+                 fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper right", frameon=False)
+    ax.grid(alpha=0.3, which="both")
+    lo = min(summary["certified_error_pct"].min(), *PUBLISHED[dataset].values(), attack_pct or 100)
+    hi = max(summary["certified_error_pct"].max(), *PUBLISHED[dataset].values())
+    ax.set_ylim(lo - 0.1 * (hi - lo) - 0.1, hi + 0.35 * (hi - lo) + 0.1)
+    x_lo, x_hi = summary["seconds_total"].min(), summary["seconds_total"].max()
+    ax.set_xlim(x_lo / 2, x_hi * 6)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seq = load_released(args.dataset).float().eval()
+    limit = args.limit if args.indices is None else args.indices[-1] + 1
+    x, y = load_dataset(args.dataset, split="test", data_dir=args.data_dir, limit=limit)
+    if len(x) < (limit or 0):
+        raise SystemExit(f"--indices: the {args.dataset} test set has {len(x)} examples")
+    x = x.float()
+    input_set = LinfBall(args.eps) if args.clip is None else BoxedLinfBall(args.eps, lo=args.clip[0], hi=args.clip[1])
+    tables = run_methods(args, seq, x, y, input_set)
+    n = len(x) if args.indices is None else len(args.indices)
+    summary = summarize(tables, n)
+    attack_pct = None
+    if "cascade" in tables:
+        attack_pct = 100.0 * float((tables["cascade"]["verdict"] == "not_robust").sum()) / n
+    name = stem(args.dataset, args.clip)
+    png, _ = _plot.save_outputs(plot(summary, args.dataset, n, args.clip, attack_pct), per_example(tables),
+                                args.out, name)
+    summary.to_csv(args.out / f"{name}_summary.csv", index=False)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summary.to_string(index=False))
+    print(f"wrote {png}, {args.out / (name + '.csv')}, {args.out / (name + '_summary.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
