@@ -37,9 +37,12 @@ from polytope.patches import (
     PatchTerms,
     conv_prefix,
     fold_patches,
+    kernel_rows,
     patch_backward,
-    patch_box_term,
-    transpose_at,
+    patch_box_terms,
+    patch_rows,
+    prefix_pair_terms,
+    transpose_rows,
 )
 from polytope.sets import BoxedLinfBall, InputSet, LinfBall
 
@@ -243,15 +246,20 @@ class DualNetwork:
             out.append(r.lower_slope(a.to(self.x.dtype)))
         return out
 
-    def _backward(self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None) -> DualTerms:
-        """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear."""
+    def _backward(
+        self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None, pairs: bool = False
+    ) -> DualTerms:
+        """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear.
+
+        ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).
+        """
         nu = -c
         bias = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
         relu = torch.zeros_like(bias)
         relu_neg = torch.zeros_like(bias) if slopes is None else None
         for i in range(depth - 1, -1, -1):
             if i == 1 and self._shortcut_applies:
-                return self._prefix_shortcut(-nu, bias, relu, relu_neg, slopes)
+                return self._prefix_shortcut(-nu, bias, relu, relu_neg, slopes, pairs and depth == 3)
             layer, in_shape = self.net.layers[i], self.shapes[i]
             bias = bias + (nu.flatten(2) * self.biases[i].flatten()).sum(2)
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
@@ -286,22 +294,42 @@ class DualNetwork:
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
-        slopes: list[torch.Tensor] | None,
+        slopes: list[torch.Tensor] | None, pairs: bool = False,
     ) -> DualTerms:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
 
         Everything but the ReLU term of the first layer is linear in ``nu``, so it is the
         ``w``-combination of the per-unit patch passes; the first layer's ReLU term needs
-        ``nu`` on its unstable units only (:func:`transpose_at`).  Slopes other than ``d``
+        ``nu`` on its unstable units only (:func:`transpose_rows`).  Slopes other than ``d``
         there add a sparse correction to ``nu_hat_1`` and the bias term.
+
+        ``pairs``: the objectives are ``(c, -c)`` and only the second ReLU layer's slopes stand
+        between them and ``w``; with ``v`` its ``nu_hat`` for ``c``, eq. (7) gives
+        ``w(c) + w(-c) = (a - d) |v|``, zero off that layer's unstable set, so the linear maps
+        of ``w`` need the first half plus a sparse correction only.
         """
         terms = self._prefix_terms
-        bias = bias + (w.flatten(2) * terms.bias.unsqueeze(1)).sum(2)
-        nu_hat_1 = fold_patches(w, terms, self.shapes[0])
+        flat = w.flatten(2)
+        bias = bias + (flat @ terms.bias.unsqueeze(2)).squeeze(2)
         r = self.relaxations[0]
         index, valid = unstable_indices(r.sets.unstable)
-        conv = self.net.layers[1].ops[0]
-        nu_hat_0 = transpose_at(conv, self.shapes[1], -w, index)  # (B, m, K)
+        conv0, conv1 = self.net.layers[0].ops[0], self.net.layers[1].ops[0]
+        rows_1 = transpose_rows(conv1, self.shapes[1], self.shapes[2], index)  # (B, K, n_1)
+        if pairs:
+            n = w.shape[1] // 2
+            unit, valid_1 = unstable_indices(self.relaxations[1].sets.unstable)
+            rest = torch.gather(flat[:, :n] + flat[:, n:], 2, unit.unsqueeze(1).expand(-1, n, -1))
+            rest = rest * valid_1.unsqueeze(1)  # (B, n, K_1)
+            head = fold_patches(w[:, :n], terms, self.shapes[0]).flatten(2)
+            rows = patch_rows(terms, self.shapes[2], self.shapes[0], unit)
+            nu_hat_1 = torch.cat([head, rest @ rows - head], 1).reshape(*w.shape[:2], *self.shapes[0])
+            head = flat[:, :n] @ rows_1.transpose(1, 2)
+            sub = torch.gather(rows_1, 2, unit.unsqueeze(1).expand(-1, rows_1.shape[1], -1))
+            nu_hat_0 = -torch.cat([head, rest @ sub.transpose(1, 2) - head], 1)
+        else:
+            nu_hat_1 = fold_patches(w, terms, self.shapes[0])
+            # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
+            nu_hat_0 = -(flat @ rows_1.transpose(1, 2))
         d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
         lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
         if slopes is None:
@@ -310,13 +338,12 @@ class DualNetwork:
             a = slopes[0].flatten(slopes[0].dim() - len(self.shapes[1]))
             a = torch.gather(a, a.dim() - 1, index if a.dim() == 2 else index.unsqueeze(1).expand(*a.shape[:2], -1))
             nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
+            # nu_0 - d nu_hat_0 lives on the unstable units: add W_1^T of it and its bias term
             delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
-            dense = delta.new_zeros(*delta.shape[:2], numel(self.shapes[1]))
-            dense = dense.scatter_add(2, index.unsqueeze(1).expand_as(delta), delta)
-            dense = dense.reshape(*delta.shape[:2], *self.shapes[1])
-            bias = bias + (dense.flatten(2) * self.biases[0].flatten()).sum(2)
-            layer, in_shape = self.net.layers[0], self.shapes[0]
-            nu_hat_1 = nu_hat_1 + _apply_batched(lambda t: layer.transpose(t, in_shape), dense, 2)
+            rows = kernel_rows(conv0, self.shapes[0], self.shapes[1], index)  # (B, K, n_in)
+            nu_hat_1 = nu_hat_1 + (delta @ rows).reshape(nu_hat_1.shape)
+            b_0 = self.biases[0].flatten()[index]  # (B, K)
+            bias = bias + (delta @ b_0.unsqueeze(2)).squeeze(2)
         relu = relu + (lower * nu_0.clamp_min(0)).sum(2)
         if relu_neg is not None:
             relu_neg = relu_neg + (lower * (-nu_0).clamp_min(0)).sum(2)
@@ -360,7 +387,7 @@ class DualNetwork:
             lower, upper = self._value(terms), -self._value(terms, sign=-1.0)
         else:
             c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
-            j = self._value(self._backward(c, i + 1, self.default_alpha()[:i]))
+            j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], pairs=True))
             lower, upper = j[:, :n], -j[:, n:]
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
@@ -379,12 +406,19 @@ class DualNetwork:
         out_hw = (shape[1], shape[2])
 
         def value(terms: PatchTerms, sign: float) -> torch.Tensor:
+            linear, spread = patch_box_terms(terms, lo, hi, out_hw)
             relu = terms.relu if sign > 0 or terms.relu_neg is None else terms.relu_neg
-            return -sign * terms.bias + patch_box_term(terms, lo, hi, out_hw, sign) + relu
+            return -sign * (terms.bias + linear) - spread + relu
 
         if self.slopes == "fixed":
             terms = self._prefix_terms if i == 1 else patch_backward(ops, shape, d, low, None, 1.0)
-            lower, upper = value(terms, 1.0), -value(terms, -1.0)
+            linear, spread = patch_box_terms(terms, lo, hi, out_hw)
+            lower = -terms.bias - linear - spread + terms.relu
+            upper = -terms.bias - linear + spread - terms.relu_neg
+        elif i == 1:
+            a = self.default_alpha()[0]
+            plus, minus = prefix_pair_terms(ops, shape, self._prefix_terms, relax[0].sets.unstable, d[0], low[0], a)
+            lower, upper = value(plus, 1.0), -value(minus, 1.0)
         else:
             a = self.default_alpha()[:i]
             lower = value(patch_backward(ops, shape, d, low, a, 1.0), 1.0)

@@ -167,71 +167,193 @@ def _first_relu_terms(
     return relu, None, conv(d * b_map, pos) - conv(a * b_map, neg)
 
 
-def patch_box_term(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor, out_hw: tuple[int, int],
-                   sign: float) -> torch.Tensor:
-    """``min_{x' in [lo, hi]} (-sign nu_hat_1)^T x'`` for every unit, ``(B, U)``."""
-    centre = terms.geometry.unfold((lo + hi) / 2, out_hw)
-    radius = terms.geometry.unfold((hi - lo) / 2, out_hw)
-    batch = lo.shape[0]
-    g = (-sign * terms.nu_hat_1).reshape(batch, terms.nu_hat_1.shape[1] // (centre.shape[1] * centre.shape[2]),
-                                         *centre.shape[1:3], *terms.nu_hat_1.shape[2:])
-    value = (g * centre.unsqueeze(1)).flatten(4).sum(4) - (g.abs() * radius.unsqueeze(1)).flatten(4).sum(4)
-    return value.reshape(batch, terms.nu_hat_1.shape[1])
+def patch_box_terms(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor,
+                    out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nu_hat_1^T m`` and ``|nu_hat_1|^T r`` for every unit, each ``(B, U)``, with the box's centre ``m``
+    and radius ``r``.
+
+    ``min_{x' in [lo, hi]} (-sign nu_hat_1)^T x' = -sign nu_hat_1^T m - |nu_hat_1|^T r`` for either sign.
+    """
+    batch, units = terms.nu_hat_1.shape[:2]
+    centre = terms.geometry.unfold((lo + hi) / 2, out_hw).flatten(3).flatten(1, 2)  # (B, L, P)
+    radius = terms.geometry.unfold((hi - lo) / 2, out_hw).flatten(3).flatten(1, 2)
+    g = terms.nu_hat_1.reshape(batch, units // centre.shape[1], *centre.shape[1:])  # (B, C, L, P)
+    linear = (g * centre.unsqueeze(1)).sum(3)
+    spread = torch.linalg.vector_norm(g * radius.unsqueeze(1), ord=1, dim=3)
+    return linear.reshape(batch, units), spread.reshape(batch, units)
+
+
+def prefix_pair_terms(
+    ops: list[Conv2dOp], out_shape: Shape, linear: PatchTerms, relax_unstable: torch.Tensor,
+    upper_slope: torch.Tensor, lower_unstable: torch.Tensor, lower_slope: torch.Tensor,
+) -> tuple[PatchTerms, PatchTerms]:
+    """``patch_backward(ops, out_shape, [d], [l], [a], sign)`` for ``sign = +1, -1`` on a two-convolution prefix.
+
+    With ``W`` the second kernel, eq. (7) gives ``nu = -d W - (a - d) [W]_+`` for ``sign = +1`` and
+    ``nu = d W + (a - d) [W]_-`` for ``sign = -1``, so both ``nu_hat_1`` are the linear pass
+    (``linear``: ``alpha = d``, ``sign = +1``) plus ``(a - d) [W]_+- T``.  ``a - d`` vanishes off the
+    unstable set ``relax_unstable`` of the first ReLU, so each output position needs only the few
+    unstable units of its receptive field: a small product per position instead of a full pass.
+    """
+    op0, op1 = ops
+    weight = op1.module.weight
+    c_out, h_o, w_o = out_shape
+    batch = upper_slope.shape[0]
+    k, st, p = op1.module.kernel_size[0], op1.module.stride[0], op1.module.padding[0]
+    field = PatchGeometry(k, st, p)
+
+    def unfold(t: torch.Tensor) -> torch.Tensor:
+        return field.unfold(t, (h_o, w_o)).reshape(batch, h_o * w_o, -1)  # (B, L, C_0 k k)
+
+    mask = unfold(relax_unstable.to(weight.dtype))
+    kp = int(mask.sum(2).max()) if mask.numel() else 0
+    taps = torch.argsort(-mask, dim=2, stable=True)[:, :, :kp]  # the unstable taps first: (B, L, kp)
+    diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
+    transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
+    rows = transpose[taps] * diff.unsqueeze(3)  # (B, L, kp, P)
+    w = weight.flatten(1)
+    parts = torch.cat([w.clamp_min(0), w.clamp_max(0)])[:, taps].permute(1, 2, 0, 3)  # (B, L, 2 C, kp)
+    corr = (parts @ rows).reshape(batch, h_o * w_o, 2, c_out, -1).permute(2, 0, 3, 1, 4)  # (2, B, C, L, P)
+    corr = corr.reshape(2, *linear.nu_hat_1.shape)
+    out = []
+    for sign, nu_hat_1 in ((1.0, linear.nu_hat_1 - corr[0]), (-1.0, corr[1] - linear.nu_hat_1)):
+        kernel = -sign * weight
+        relu, _, first = _first_relu_terms(op1, kernel, upper_slope, lower_unstable, lower_slope,
+                                           _channel_bias(op0, weight))
+        bias = (-sign * _channel_bias(op1, weight)).reshape(1, c_out, 1, 1) + first
+        out.append(PatchTerms(nu_hat_1, linear.geometry, bias.reshape(batch, -1), relu.reshape(batch, -1), None))
+    return out[0], out[1]
+
+
+def _taps(n_in: int, n_out: int, k: int, s: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis: for every input position, the outputs that read it and through which tap.
+
+    Returns ``(out, tap, ok)``, each ``(n_in, ceil(k / s))``; entries with ``ok`` false are 0.
+    """
+    reach = -(-k // s)
+    i = np.arange(n_in)[:, None]
+    t = (i + p) % s + s * np.arange(reach)[None, :]
+    o = (i + p - t) // s
+    ok = (t < k) & (o >= 0) & (o < n_out)
+    return np.where(ok, o, 0), np.where(ok, t, 0), ok
 
 
 @lru_cache(maxsize=64)
-def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, ...]:
+def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
     """For every input unit of ``op``, the output units and kernel taps that read it.
 
-    Returns ``(out_index, weight_index, valid)``, each ``(n_in, R)`` with ``R`` the most
-    readers of one input unit; ``out_index`` points at a zero slot ``n_out`` where invalid.
+    Returns ``(out_index, weight_index)``, each ``(n_in, R)`` with ``R`` the most readers of one
+    input unit; ``weight_index`` is the number of weights (one past the last) where a slot is
+    unused, and its ``out_index`` is 0.
     """
     m = op.module
     c_in, h_in, w_in = in_shape
     c_out, h_out, w_out = out_shape
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = m.kernel_size, m.stride, m.padding
-
-    def taps(n_in: int, n_out: int, k: int, s: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        reach = -(-k // s)
-        i = np.arange(n_in)[:, None]
-        first = (i + p) % s
-        t = first + s * np.arange(reach)[None, :]
-        o = (i + p - t) // s
-        ok = (t < k) & (o >= 0) & (o < n_out)
-        return np.where(ok, o, 0), np.where(ok, t, 0), ok
-
-    oh, th, okh = taps(h_in, h_out, k_h, s_h, p_h)
-    ow, tw, okw = taps(w_in, w_out, k_w, s_w, p_w)
-    co = np.arange(c_out)
-    ci = np.arange(c_in)
+    oh, th, okh = _taps(h_in, h_out, k_h, s_h, p_h)
+    ow, tw, okw = _taps(w_in, w_out, k_w, s_w, p_w)
+    co = np.arange(c_out)[None, None, None, :, None, None]
+    ci = np.arange(c_in)[:, None, None, None, None, None]
     # axes: (ci, hi, wi, co, rh, rw)
-    out = (co[None, None, None, :, None, None] * h_out + oh[None, :, None, None, :, None]) * w_out \
-        + ow[None, None, :, None, None, :]
-    widx = ((co[None, None, None, :, None, None] * c_in + ci[:, None, None, None, None, None]) * k_h
-            + th[None, :, None, None, :, None]) * k_w + tw[None, None, :, None, None, :]
+    out = (co * h_out + oh[None, :, None, None, :, None]) * w_out + ow[None, None, :, None, None, :]
+    widx = ((co * c_in + ci) * k_h + th[None, :, None, None, :, None]) * k_w + tw[None, None, :, None, None, :]
     valid = okh[None, :, None, None, :, None] & okw[None, None, :, None, None, :]
     full = (c_in, h_in, w_in, c_out, oh.shape[1], ow.shape[1])
-    valid = np.broadcast_to(valid, full)
     n_in = c_in * h_in * w_in
-    out = np.where(valid, np.broadcast_to(out, full), c_out * h_out * w_out).reshape(n_in, -1)
-    widx = np.where(valid, np.broadcast_to(widx, full), 0).reshape(n_in, -1)
-    return torch.from_numpy(out), torch.from_numpy(widx), torch.from_numpy(valid.reshape(n_in, -1).copy())
+    out = np.where(valid, out, 0)
+    widx = np.where(valid, widx, m.weight.numel())
+    return (torch.from_numpy(np.broadcast_to(out, full).reshape(n_in, -1).copy()),
+            torch.from_numpy(np.broadcast_to(widx, full).reshape(n_in, -1).copy()))
 
 
-def transpose_at(op: Conv2dOp, in_shape: Shape, nu: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """``(W^T nu)`` at selected input units only: ``nu: (B, m, *out_shape)``, ``units: (B, K)``.
+@lru_cache(maxsize=64)
+def _kernel_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every output unit of ``op``, the input units it reads and through which weight.
 
-    Each input unit is read by at most ``C_out * ceil(k/s)^2`` outputs, so this costs
-    ``O(m K C_out)`` instead of a full transposed convolution.  Returns ``(B, m, K)``.
+    Returns ``(in_index, weight_index)``, each ``(n_out, C_in k_h k_w)``; taps that fall on
+    the zero padding have ``weight_index`` one past the last weight (and ``in_index`` 0).
     """
-    out_index, weight_index, valid = (t.to(nu.device) for t in _transpose_index(op, in_shape, tuple(nu.shape[2:])))
-    batch, m = nu.shape[:2]
-    rows = out_index[units]  # (B, K, R)
-    weights = op.module.weight.flatten()[weight_index[units]] * valid[units].to(nu.dtype)
-    # rows of (B, U + 1, m): each gathered row is m contiguous values (the zero slot is U)
-    table = torch.cat([nu.flatten(2), nu.new_zeros(batch, m, 1)], dim=2).transpose(1, 2)
-    picked = table[torch.arange(batch, device=nu.device)[:, None, None], rows]  # (B, K, R, m)
-    return torch.matmul(weights.unsqueeze(2), picked).squeeze(2).transpose(1, 2)
+    m = op.module
+    c_in, h_in, w_in = in_shape
+    c_out, h_out, w_out = out_shape
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = m.kernel_size, m.stride, m.padding
+    ih = np.arange(h_out)[:, None] * s_h - p_h + np.arange(k_h)[None, :]  # (h_out, k_h)
+    iw = np.arange(w_out)[:, None] * s_w - p_w + np.arange(k_w)[None, :]
+    okh, okw = (ih >= 0) & (ih < h_in), (iw >= 0) & (iw < w_in)
+    co = np.arange(c_out)[:, None, None, None, None, None]
+    ci = np.arange(c_in)[None, None, None, :, None, None]
+    th, tw = np.arange(k_h)[None, None, None, None, :, None], np.arange(k_w)[None, None, None, None, None, :]
+    # axes: (co, ho, wo, ci, th, tw)
+    valid = okh[None, :, None, None, :, None] & okw[None, None, :, None, None, :]
+    inp = (ci * h_in + ih[None, :, None, None, :, None]) * w_in + iw[None, None, :, None, None, :]
+    widx = ((co * c_in + ci) * k_h + th) * k_w + tw
+    full = (c_out, h_out, w_out, c_in, k_h, k_w)
+    n_out = c_out * h_out * w_out
+    inp = np.where(valid, np.broadcast_to(inp, full), 0)
+    widx = np.where(valid, np.broadcast_to(widx, full), m.weight.numel())
+    return torch.from_numpy(inp.reshape(n_out, -1)), torch.from_numpy(widx.reshape(n_out, -1))
+
+
+def _scatter_rows(op: Conv2dOp, index: tuple[torch.Tensor, torch.Tensor], units: torch.Tensor,
+                  width: int) -> torch.Tensor:
+    """Dense rows ``(B, K, width)`` holding ``op``'s weights at the slots ``index`` lists for ``units``."""
+    cols, widx = (t.to(units.device)[units] for t in index)
+    vals = F.pad(op.module.weight.flatten(), (0, 1))[widx]
+    # unused slots read the appended zero weight and add it to column 0
+    return vals.new_zeros(*units.shape, width).scatter_add(2, cols, vals)
+
+
+def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
+    """Rows of ``W^T`` at selected input units, ``(B, K, n_out)`` for ``units: (B, K)``.
+
+    ``(W^T nu)`` at those units is then one batched product ``nu @ rows^T``: each row has at
+    most ``C_out ceil(k/s)^2`` nonzeros, and ``K`` is small (the unstable units of a layer).
+    """
+    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape), units, numel(out_shape))
+
+
+def kernel_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
+    """Rows of ``W`` at selected output units, ``(B, K, n_in)``: each unit's kernel placed in the input.
+
+    ``W^T delta`` for a ``delta`` supported on those units is ``delta @ rows``.
+    """
+    return _scatter_rows(op, _kernel_index(op, in_shape, out_shape), units, numel(in_shape))
+
+
+@lru_cache(maxsize=64)
+def _patch_index(geometry: PatchGeometry, out_shape: Shape, in_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every unit of a ``out_shape`` layer, the input units under its patch entries.
+
+    Returns ``(in_index, valid)``, each ``(U, C K K)``; entries off the input are not valid
+    (and point at unit 0).
+    """
+    c_out, h_o, w_o = out_shape
+    c_in, h_in, w_in = in_shape
+    k, s, p = geometry.size, geometry.stride, geometry.padding
+    ih = np.arange(h_o)[:, None] * s - p + np.arange(k)[None, :]  # (h_o, K)
+    iw = np.arange(w_o)[:, None] * s - p + np.arange(k)[None, :]
+    ci = np.arange(c_in)[None, None, :, None, None]
+    # axes: (ho, wo, ci, ky, kx)
+    valid = ((ih >= 0) & (ih < h_in))[:, None, None, :, None] & ((iw >= 0) & (iw < w_in))[None, :, None, None, :]
+    index = (ci * h_in + ih[:, None, None, :, None]) * w_in + iw[None, :, None, None, :]
+    full = (h_o, w_o, c_in, k, k)
+    valid = np.broadcast_to(valid, full).reshape(1, h_o * w_o, -1)
+    index = np.where(valid, np.broadcast_to(index, full).reshape(1, h_o * w_o, -1), 0)
+    valid, index = (np.broadcast_to(t, (c_out, *t.shape[1:])).reshape(c_out * h_o * w_o, -1) for t in (valid, index))
+    return torch.from_numpy(index.copy()), torch.from_numpy(valid.copy())
+
+
+def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torch.Tensor) -> torch.Tensor:
+    """The patches ``nu_hat_1(u)`` of selected units placed in the input, ``(B, K, n_in)``.
+
+    ``fold_patches`` of a ``w`` supported on those units is then ``w @ rows``.
+    """
+    index, valid = (t.to(units.device)[units] for t in _patch_index(terms.geometry, out_shape, in_shape))
+    patches = terms.nu_hat_1.flatten(2)
+    patches = torch.gather(patches, 1, units.unsqueeze(2).expand(-1, -1, patches.shape[2]))
+    # entries off the input are zeroed and added to unit 0
+    vals = patches * valid.to(patches.dtype)
+    return vals.new_zeros(*units.shape, numel(in_shape)).scatter_add(2, index, vals)
 
 
 def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.Tensor:

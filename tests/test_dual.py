@@ -650,3 +650,51 @@ def test_cuda_float32_matches_cpu():
         other = ("cuda", key[1])
         for a, b in zip(results[key], results[other], strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _two_conv_net(seed: int) -> nn.Sequential:
+    """The paper's MNIST architecture in small: two stride-2 convolutions, then two dense layers."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = nn.Sequential(
+        nn.Conv2d(1, 4, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 8, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 12), nn.ReLU(), nn.Linear(12, 5),
+    ).to(DTYPE)
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DTYPE) * 0.5)
+    return seq.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefix_shortcut_with_slopes_matches_the_plain_backward_pass(seed):
+    """Non-``d`` slopes on the conv prefix (the pair trick, sparse corrections) change no number or gradient."""
+    net = pt.Network.from_torch(_two_conv_net(seed))
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = torch.rand(3, 1, 12, 12, generator=gen, dtype=DTYPE)
+    input_set = pt.LinfBall(0.15)
+    c = torch.randn(3, 4, 5, generator=gen, dtype=DTYPE)
+    shortcut = pt.DualNetwork(net, x, input_set, slopes="adaptive")
+    plain = pt.DualNetwork(net, x, input_set, slopes="adaptive", order="backward")
+    assert shortcut.orders == ["interval", "patches", "backward"] and plain.orders[1] == "backward"
+    assert all(r.sets.unstable.any() for r in shortcut.relaxations)
+    for (lo_s, up_s), (lo_p, up_p) in zip(shortcut.bounds, plain.bounds, strict=True):
+        torch.testing.assert_close(lo_s, lo_p, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(up_s, up_p, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(shortcut.objective(c), plain.objective(c), atol=1e-12, rtol=1e-12)
+    # custom slopes, differentiated through every layer's bounds
+    shapes = [tuple(r.lower.shape) for r in shortcut.relaxations]
+    alpha = [torch.rand(s, generator=gen, dtype=DTYPE).requires_grad_(True) for s in shapes]
+    values, grads = [], []
+    for order in ("auto", "backward"):
+        j = pt.DualNetwork(net, x, input_set, slopes=alpha, order=order).objective(c)
+        values.append(j.detach())
+        grads.append(torch.autograd.grad((j * torch.linspace(0.5, 1.5, j.numel(), dtype=DTYPE).reshape(j.shape)).sum(),
+                                         alpha))
+    torch.testing.assert_close(values[0], values[1], atol=1e-12, rtol=1e-12)
+    for g_s, g_p in zip(*grads, strict=True):
+        torch.testing.assert_close(g_s, g_p, atol=1e-12, rtol=1e-12)
+    assert grads[0][0].abs().sum() > 0  # the first layer's slopes do reach J
+    # per-objective slopes (B, m, ...) through the shortcut
+    per = [torch.rand((3, 4, *s[1:]), generator=gen, dtype=DTYPE) for s in shapes]
+    torch.testing.assert_close(shortcut.objective(c, per), plain.objective(c, per), atol=1e-12, rtol=1e-12)
