@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from experiments import _plot
 from polytope.cascade import CounterexampleError, verified_point
@@ -58,6 +59,7 @@ PUBLISHED = {
 }
 EMPTY = {"index": "int64", "label": "int64", "prediction": "int64", "correct": "bool", "certified": "bool",
          "margin": "float64", "seconds": "float64"}
+DISPLAY = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 COLORS = {"dual": "#1f4e9c", "adaptive": "#4a90d9", "optimized": "#7b3fb0", "lp": "#1b7a1b",
           "lp-all": "#5fb35f", "cascade": "#b03030"}
 
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None):
                         help="seconds per MIP when the cascade's timeouts are retried (0: no retry)")
     parser.add_argument("--batch-size", type=int, default=50, help="examples per batch")
     parser.add_argument("--store", default="runs", help="results store (shared with polytope certify)")
+    parser.add_argument("--counterexamples", default=None, metavar="DIR",
+                        help="where the cascade saves counterexamples (default: STORE/counterexamples/ladder_...)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
@@ -103,7 +107,7 @@ def stem(dataset: str, clip: list[float] | None) -> str:
 def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 input_set: InputSet) -> dict[str, pd.DataFrame]:
     """Each method's ``polytope certify`` rows (LP rungs on their subsets only)."""
-    cex = Path(args.store) / "counterexamples" / stem(args.dataset, args.clip)
+    cex = Path(args.counterexamples or Path(args.store) / "counterexamples" / stem(args.dataset, args.clip))
     common = {"data": f"{args.dataset}:test", "options": {"norm": "linf", "clip": args.clip, "dtype": "float32"},
               "batch_size": args.batch_size, "time_limit": args.time_limit, "store_dir": args.store,
               "progress": not args.no_progress}
@@ -215,28 +219,35 @@ def per_example(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def plot(summary: pd.DataFrame, dataset: str, n: int, clip: list[float] | None, attack_pct: float | None) -> Figure:
     fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
-    for _, r in summary.iterrows():
-        ax.scatter(r["seconds_total"], r["certified_error_pct"], s=60, color=COLORS[r["method"]], zorder=3)
-        label = f"{r['method']}: {int(r['not_certified'])} ({r['certified_error_pct']:.2f}%)"
-        ax.annotate(label, (r["seconds_total"], r["certified_error_pct"]), textcoords="offset points",
-                    xytext=(7, 4), fontsize=8)
+    points = []
+    for _, r in summary.sort_values("seconds_total").iterrows():
+        name = "cascade (exact)" if r["method"] == "cascade" else r["method"]
+        label = f"{name}: {int(r['not_certified'])} ({r['certified_error_pct']:.2f}%), {r['seconds_total']:,.0f} s"
+        points.append(ax.scatter(r["seconds_total"], r["certified_error_pct"], s=60, color=COLORS[r["method"]],
+                                 zorder=3, label=label))
+    lines = []
     styles = iter(["--", ":", "-."])
     for name, pct in PUBLISHED[dataset].items():
-        ax.axhline(pct, color="0.4", ls=next(styles), lw=1, label=f"{name}: {pct:.2f}%")
+        lines.append(ax.axhline(pct, color="0.4", ls=next(styles), lw=1, label=f"{name}: {pct:.2f}%"))
     if attack_pct is not None:
-        ax.axhline(attack_pct, color="#d7301f", lw=0.8, alpha=0.6,
-                   label=f"verified counterexamples (clean, PGD, MILP): {attack_pct:.2f}%")
+        lines.append(ax.axhline(attack_pct, color="#d7301f", lw=0.8, alpha=0.6,
+                                label=f"verified counterexamples (clean, PGD, MILP): {attack_pct:.2f}%"))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} s"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("total compute seconds for the test set (one thread; log scale)")
     ax.set_ylabel("certified robust error (% not certified)")
     box = "" if clip is None else f", box [{clip[0]:g}, {clip[1]:g}]"
-    ax.set_title(f"Tightness ladder: released {dataset} model, eps = 0.1 (l_inf{box}), {n} test images",
+    ax.set_title(f"Tightness ladder: released {DISPLAY[dataset]} model, eps = 0.1 (l_inf{box}), {n} test images",
                  fontsize=10)
-    ax.legend(fontsize=7.5, loc="upper right", frameon=False)
+    first = ax.legend(handles=lines, fontsize=7.5, loc="upper right", frameon=False)
+    ax.add_artist(first)
+    ax.legend(handles=points, fontsize=7.5, loc="lower left", framealpha=0.9, title_fontsize=7,
+              title="not certified, total time (lp runs after dual, lp-all after lp)")
     ax.grid(alpha=0.3, which="both")
     lo = min(summary["certified_error_pct"].min(), *PUBLISHED[dataset].values(), attack_pct or 100)
     hi = max(summary["certified_error_pct"].max(), *PUBLISHED[dataset].values())
-    ax.set_ylim(lo - 0.1 * (hi - lo) - 0.1, hi + 0.35 * (hi - lo) + 0.1)
+    ax.set_ylim(lo - 0.6 * (hi - lo) - 0.1, hi + 0.35 * (hi - lo) + 0.1)
     x_lo, x_hi = summary["seconds_total"].min(), summary["seconds_total"].max()
     ax.set_xlim(x_lo / 2, x_hi * 6)
     return fig

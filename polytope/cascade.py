@@ -97,6 +97,8 @@ class Cascade:
     optimize_steps: int = 20
     milp_max_unstable: int = 2000
     attack_steps: int = 100
+    milp_attack_restarts: int = 10
+    milp_attack_min_unstable: int = 32
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rungs if r not in RUNGS]
@@ -204,11 +206,45 @@ class Cascade:
             return
         self._record(v, rung, margins, time.perf_counter() - t0, proven)
 
+    def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int) -> np.ndarray | None:
+        """PGD with random restarts on each ``f_target - f_label`` (one batch row per target).
+
+        Returns a verified counterexample, or ``None``.
+        """
+        x64 = x.detach().cpu().double().reshape(1, *x.shape).expand(len(targets), *x.shape)
+        columns = torch.stack([torch.full_like(targets, label), targets], dim=1)
+
+        def pair(z: torch.Tensor) -> torch.Tensor:  # cross-entropy of label 0 grows with f_target - f_label
+            return torch.gather(self.net64.forward(z), 1, columns)
+
+        lo, hi = self.input_set.box(x64)
+        radius = self.input_set.radius(x64)
+        step = float(radius.max()) / 10 if float(radius.max()) > 0 else 1e-3
+        x_adv = pgd(pair, x64, torch.zeros(len(targets), dtype=torch.long), radius, steps=self.attack_steps,
+                    step_size=step, clip=(lo, hi), restarts=self.milp_attack_restarts,
+                    generator=torch.Generator().manual_seed(index))
+        for point in x_adv:
+            if _margin64(self.net64, point, label) <= 0:
+                verified = verified_point(self.net64, x, point, label, self.input_set, index)
+                if verified is not None:
+                    return verified
+        return None
+
     def _milp(self, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor, margins: torch.Tensor,
               bounds: FlatBounds | str) -> None:
-        """One MIP per open target, stopped at the threshold 0: a proof or a counterexample."""
+        """One MIP per open target, stopped at the threshold 0: a proof or a counterexample.
+
+        With at least ``milp_attack_min_unstable`` binaries, a targeted attack on each open target
+        comes first (rung ``"milp-attack"`` when it hits): a hard MIP takes far longer to find a
+        counterexample than PGD with restarts aimed at one target; on small MIPs it does not pay.
+        """
         milp = ExactMILP(self.net64, x, self.input_set, bounds=bounds, time_limit=self.time_limit,
                          max_unstable=self.milp_max_unstable)
+        if sum(milp.n_unstable) >= self.milp_attack_min_unstable:
+            point = self._targeted_attack(x, label, (~proven).nonzero().flatten(), v.index)
+            if point is not None:
+                v.verdict, v.rung, v.counterexample = "not_robust", "milp-attack", point
+                return
         n_out = proven.shape[0]
         timed_out = False
         for j in (~proven).nonzero().flatten().tolist():

@@ -101,3 +101,20 @@ def test_milp_cutoff_agrees_with_the_plain_minimum(seed: int, eps: float) -> Non
             assert early.z_in is not None
         elif plain.value > 1e-7:
             assert early.status == "cutoff"
+
+
+def test_targeted_attack_before_the_mip_finds_verified_counterexamples() -> None:
+    """Forced on (no binaries threshold), the pre-MIP attack agrees with the MILP-only verdicts."""
+    seq, net = _net(11)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    y = net.forward(x).argmax(1)
+    input_set = pt.LinfBall(0.5)
+    attacked = Cascade(net, input_set, rungs=("milp",), milp_attack_min_unstable=0).run(x, y, list(range(8)))
+    exact = Cascade(net, input_set, rungs=("milp",), milp_attack_min_unstable=10**9).run(x, y, list(range(8)))
+    assert [v.verdict for v in attacked] == [e.verdict for e in exact]
+    hits = [v for v in attacked if v.rung == "milp-attack"]
+    assert hits  # the attack settles some of them before any MIP
+    for v in hits:
+        point = torch.from_numpy(v.counterexample)
+        assert (point - x[v.index]).abs().max() <= 0.5 + 1e-12
+        assert seq(point[None])[0].argmax() != y[v.index]
