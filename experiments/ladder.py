@@ -100,14 +100,19 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def stem(dataset: str, clip: list[float] | None) -> str:
-    return f"ladder_{dataset}" + ("" if clip is None else "_box")
+def stem(args) -> str:
+    """``ladder_<dataset>[_box][_first<N> | _<k>examples]``: subsets never overwrite the full run's files."""
+    name = f"ladder_{args.dataset}" + ("" if args.clip is None else "_box")
+    if args.indices is not None:
+        return f"{name}_{len(args.indices)}examples"
+    return name if args.limit is None else f"{name}_first{args.limit}"
 
 
 def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 input_set: InputSet) -> dict[str, pd.DataFrame]:
     """Each method's ``polytope certify`` rows (LP rungs on their subsets only)."""
-    cex = Path(args.counterexamples or Path(args.store) / "counterexamples" / stem(args.dataset, args.clip))
+    box = "" if args.clip is None else "_box"
+    cex = Path(args.counterexamples or Path(args.store) / "counterexamples" / f"ladder_{args.dataset}{box}")
     common = {"data": f"{args.dataset}:test", "options": {"norm": "linf", "clip": args.clip, "dtype": "float32"},
               "batch_size": args.batch_size, "time_limit": args.time_limit, "store_dir": args.store,
               "progress": not args.no_progress}
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     attack_pct = None
     if "cascade" in tables:
         attack_pct = 100.0 * float((tables["cascade"]["verdict"] == "not_robust").sum()) / n
-    name = stem(args.dataset, args.clip)
+    name = stem(args)
     png, _ = _plot.save_outputs(plot(summary, args.dataset, n, args.clip, attack_pct), per_example(tables),
                                 args.out, name)
     summary.to_csv(args.out / f"{name}_summary.csv", index=False)

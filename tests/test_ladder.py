@@ -35,18 +35,18 @@ def ladder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_counts_follow_the_ladder(ladder_run: tuple[Path, Path]) -> None:
     out, _ = ladder_run
-    summary = pd.read_csv(out / "ladder_mnist_summary.csv").set_index("method")
+    summary = pd.read_csv(out / "ladder_mnist_5examples_summary.csv").set_index("method")
     nc = summary["not_certified"]
     assert nc["dual"] >= nc["lp"] >= nc["lp-all"] >= nc["cascade"]
     assert nc["optimized"] <= min(nc["dual"], nc["adaptive"])
     assert nc["optimized"] >= nc["cascade"]
     assert summary.loc["cascade", "verdict_not_robust"] == nc["cascade"]  # nothing left undecided
-    assert (out / "ladder_mnist.png").stat().st_size > 10_000
+    assert (out / "ladder_mnist_5examples.png").stat().st_size > 10_000
 
 
 def test_per_example_verdicts_are_consistent(ladder_run: tuple[Path, Path]) -> None:
     out, store = ladder_run
-    rows = pd.read_csv(out / "ladder_mnist.csv").set_index("index")
+    rows = pd.read_csv(out / "ladder_mnist_5examples.csv").set_index("index")
     assert list(rows.index) == list(INDICES)
     assert set(rows["verdict"]) <= {"certified", "not_robust"}
     for method in ("dual", "adaptive", "optimized"):
