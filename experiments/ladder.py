@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--store", default="runs", help="results store (shared with polytope certify)")
     parser.add_argument("--counterexamples", default=None, metavar="DIR",
                         help="where the cascade saves counterexamples (default: STORE/counterexamples/ladder_...)")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes of the runner")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
@@ -115,7 +116,7 @@ def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     cex = Path(args.counterexamples or Path(args.store) / "counterexamples" / f"ladder_{args.dataset}{box}")
     common = {"data": f"{args.dataset}:test", "options": {"norm": "linf", "clip": args.clip, "dtype": "float32"},
               "batch_size": args.batch_size, "time_limit": args.time_limit, "store_dir": args.store,
-              "progress": not args.no_progress}
+              "progress": not args.no_progress, "workers": args.workers}
     tables: dict[str, pd.DataFrame] = {}
     for method in args.methods:
         indices = args.indices
