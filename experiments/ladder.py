@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default: all; quick: 30)")
     parser.add_argument("--indices", default=None, help="comma-separated test indices instead of --limit")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per LP/MIP solve")
-    parser.add_argument("--retry-time-limit", type=float, default=600.0,
+    parser.add_argument("--retry-time-limit", type=float, default=120.0,
                         help="seconds per MIP when the cascade's timeouts are retried (0: no retry)")
     parser.add_argument("--batch-size", type=int, default=50, help="examples per batch")
     parser.add_argument("--store", default="runs", help="results store (shared with polytope certify)")
@@ -174,8 +174,9 @@ def retry_timeouts(table: pd.DataFrame, time_limit: float, seq: torch.nn.Module,
     if not timed_out:
         return table
     print(f"cascade: retrying {len(timed_out)} timeout(s) with {time_limit:g} s per MIP", flush=True)
+    # one example per chunk: each finished retry is saved at once
     again = certify_table(seq, x, y, input_set, method="cascade", indices=timed_out, counterexamples=str(cex),
-                          **{**common, "time_limit": time_limit}).set_index("index")
+                          **{**common, "time_limit": time_limit, "batch_size": 1}, chunk_size=1).set_index("index")
     first = table.set_index("index")
     again["seconds"] = again["seconds"] + first.loc[again.index, "seconds"]
     again["retried"] = True
