@@ -228,8 +228,12 @@ def plot(summary: pd.DataFrame, dataset: str, n: int, clip: list[float] | None, 
     fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
     points = []
     for _, r in summary.sort_values("seconds_total").iterrows():
-        name = "cascade (exact)" if r["method"] == "cascade" else r["method"]
-        label = f"{name}: {int(r['not_certified'])} ({r['certified_error_pct']:.2f}%), {r['seconds_total']:,.0f} s"
+        pct, seconds = r["certified_error_pct"], r["seconds_total"]
+        label = f"{r['method']}: {int(r['not_certified'])} ({pct:.2f}%), {seconds:,.0f} s"
+        if r["method"] == "cascade":
+            timeouts = r.get("verdict_timeout", 0)
+            timeouts = int(timeouts) if pd.notna(timeouts) else 0
+            label += " -- exact" if timeouts == 0 else f" -- {timeouts} timeout(s), the rest exact"
         points.append(ax.scatter(r["seconds_total"], r["certified_error_pct"], s=60, color=COLORS[r["method"]],
                                  zorder=3, label=label))
     lines = []
@@ -249,8 +253,10 @@ def plot(summary: pd.DataFrame, dataset: str, n: int, clip: list[float] | None, 
                  fontsize=10)
     first = ax.legend(handles=lines, fontsize=7.5, loc="upper right", frameon=False)
     ax.add_artist(first)
-    ax.legend(handles=points, fontsize=7.5, loc="lower left", framealpha=0.9, title_fontsize=7,
-              title="not certified, total time (lp runs after dual, lp-all after lp)")
+    title = "not certified, total time"
+    if summary["method"].isin(list(AFTER)).any():
+        title += " (lp runs after dual, lp-all after lp)"
+    ax.legend(handles=points, fontsize=7.5, loc="lower left", framealpha=0.9, title_fontsize=7, title=title)
     ax.grid(alpha=0.3, which="both")
     lo = min(summary["certified_error_pct"].min(), *PUBLISHED[dataset].values(), attack_pct or 100)
     hi = max(summary["certified_error_pct"].max(), *PUBLISHED[dataset].values())
