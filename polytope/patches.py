@@ -47,11 +47,20 @@ class PatchGeometry:
         return cols.permute(0, 2, 3, 1, 4, 5)
 
 
+def _is_square(op: Conv2dOp) -> bool:
+    """Same kernel size, stride and padding along both axes (:class:`PatchGeometry` has one of each)."""
+    m = op.module
+    return all(pair[0] == pair[1] for pair in (m.kernel_size, m.stride, m.padding))
+
+
 def conv_prefix(net: Network, depth: int) -> list[Conv2dOp] | None:
-    """The convolutions of layers ``0..depth`` if each of them is a single Conv2d, else ``None``."""
+    """The convolutions of layers ``0..depth`` if each is a single square Conv2d, else ``None``.
+
+    ``None`` sends the dual to the plain contraction orders, which handle any convolution.
+    """
     ops = []
     for layer in net.layers[: depth + 1]:
-        if len(layer.ops) != 1 or not isinstance(layer.ops[0], Conv2dOp):
+        if len(layer.ops) != 1 or not isinstance(layer.ops[0], Conv2dOp) or not _is_square(layer.ops[0]):
             return None
         ops.append(layer.ops[0])
     return ops

@@ -105,20 +105,29 @@ def build_fc(n_in: int, widths: list[int], n_out: int, seed: int, gain: float = 
     return seq.eval()
 
 
+Pair = int | tuple[int, int]
+
+
+def _along(value: Pair, axis: int) -> int:
+    return value if isinstance(value, int) else value[axis]
+
+
 @dataclass(frozen=True)
 class ConvSpec:
-    """One convolution: ``out_channels``, square ``kernel``, ``stride``, ``padding``, ``bias``."""
+    """One convolution: ``out_channels``, ``kernel``, ``stride``, ``padding`` (an int, or one per
+    axis as in ``nn.Conv2d``), ``bias``."""
 
     out_channels: int
-    kernel: int
-    stride: int
-    padding: int
+    kernel: Pair
+    stride: Pair
+    padding: Pair
     bias: bool
 
 
-def conv_out(n: int, spec: ConvSpec) -> int:
-    """Spatial output size of ``spec`` on an input of size ``n``."""
-    return (n + 2 * spec.padding - spec.kernel) // spec.stride + 1
+def conv_out(n: int, spec: ConvSpec, axis: int = 0) -> int:
+    """Output size of ``spec`` along ``axis`` (0: height, 1: width) for an input of size ``n``."""
+    k, s, p = (_along(v, axis) for v in (spec.kernel, spec.stride, spec.padding))
+    return (n + 2 * p - k) // s + 1
 
 
 def build_conv(
@@ -138,7 +147,7 @@ def build_conv(
             nn.Conv2d(c, spec.out_channels, spec.kernel, spec.stride, spec.padding, bias=spec.bias),
             nn.ReLU(),
         ]
-        c, h, w = spec.out_channels, conv_out(h, spec), conv_out(w, spec)
+        c, h, w = spec.out_channels, conv_out(h, spec, 0), conv_out(w, spec, 1)
     layers.append(nn.Flatten())
     sizes = [c * h * w, *widths]
     for a, b in itertools.pairwise(sizes):
@@ -172,10 +181,17 @@ def fc_nets(
 
 @st.composite
 def conv_specs(draw: st.DrawFn, size: int) -> ConvSpec:
-    """A convolution that fits an input of spatial size ``size``."""
-    padding = draw(st.integers(0, 1))
-    kernel = draw(st.integers(1, min(3, size + 2 * padding)))
-    return ConvSpec(draw(st.integers(1, 3)), kernel, draw(st.integers(1, 2)), padding, draw(st.booleans()))
+    """A convolution that fits an input of spatial size ``size``; kernel, stride and padding may
+    differ between the two axes (such convolutions take other code paths than square ones)."""
+
+    def pair(values: st.SearchStrategy[int]) -> Pair:
+        if draw(st.booleans()):
+            return draw(values)
+        return draw(values), draw(values)
+
+    padding = pair(st.integers(0, 1))
+    kernel = pair(st.integers(1, min(3, size + 2 * min(_along(padding, 0), _along(padding, 1)))))
+    return ConvSpec(draw(st.integers(1, 3)), kernel, pair(st.integers(1, 2)), padding, draw(st.booleans()))
 
 
 @st.composite
@@ -189,7 +205,7 @@ def conv_nets(
     for _ in range(draw(st.integers(1, max_convs))):
         spec = draw(conv_specs(min(h, w)))
         specs.append(spec)
-        h, w = conv_out(h, spec), conv_out(w, spec)
+        h, w = conv_out(h, spec, 0), conv_out(w, spec, 1)
     widths = draw(st.lists(st.integers(1, 6), min_size=0, max_size=min(max_fc, 3 - len(specs))))
     n_out = draw(st.integers(2, 4))
     return build_conv(in_shape, specs, widths, n_out, draw(seeds)), in_shape
