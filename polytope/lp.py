@@ -767,8 +767,8 @@ def optimize_alpha(
     its slopes: ``(J: (B, m), alpha: list of (B, m, *shape))``, both without autograd history
     (the model's parameters are frozen while it runs).
 
-    On small 1- and 2-hidden-layer nets over l_inf balls 200 steps land within ~1e-5 relative
-    of the LP.  The residual is the slow convergence of (sub)gradient steps on this
+    On small 1- and 2-hidden-layer nets over l_inf balls 200 steps usually land within ~1e-5
+    relative of the LP (some need ~400).  The residual is the slow convergence of (sub)gradient steps on this
     piecewise-linear objective and shrinks with more steps; it is worst for l_1 balls, whose
     ``-eps ||g||_inf`` term puts the optimum on ridges (there, use ~1000 steps).
     :meth:`RelaxedLP.alpha_from_duals` gives the exact maximiser (``J`` = LP).

@@ -347,7 +347,8 @@ def _check_alpha_closes_gap(problem, kind: str, steps: int) -> None:
 @settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=fc_problems(hidden_layers=(1, 2)), kind=st.sampled_from(["linf", "linf-box"]))
 def test_optimized_alpha_reaches_the_lp(problem, kind):
-    _check_alpha_closes_gap(problem, kind, steps=200)
+    # 200 steps left a 1.1e-4 gap on one drawn net (dims 2-5-2, seed 2469, eps 0.5, boxed); 400 close it
+    _check_alpha_closes_gap(problem, kind, steps=400)
 
 
 @settings(deadline=None, max_examples=3, suppress_health_check=[HealthCheck.too_slow])
