@@ -137,9 +137,10 @@ def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         start = time.perf_counter()
         tables[method] = certify_table(seq, x, y, input_set, method=method, indices=indices,
                                        counterexamples=str(cex) if method == "cascade" else None, **common)
-        if method == "cascade" and args.retry_time_limit:
-            tables[method] = retry_timeouts(tables[method], args.retry_time_limit, seq, x, y, input_set, cex, common)
         if method == "cascade":
+            if args.retry_time_limit:
+                tables[method] = retry_timeouts(tables[method], args.retry_time_limit, seq, x, y, input_set, cex,
+                                                common)
             checked = verify_counterexamples(tables[method], as_float64(Network.from_torch(seq)), x, input_set, cex)
             print(f"cascade: {checked} counterexamples re-checked by a float64 forward pass", flush=True)
         print(f"{method}: done in {time.perf_counter() - start:.1f} s (wall, this call)", flush=True)

@@ -51,10 +51,14 @@ def margin_bounds(
     return DualNetwork(net, x, input_set, slopes=slopes).objective(c)
 
 
+def worst_of(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``min_{j != y} J_j`` of a ``(B, n)`` margin matrix, ``(B,)``."""
+    return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
+
+
 def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Corollary 1: certified when every ``J_j > 0`` for ``j != y`` (a tie is not certified)."""
-    others = margins.scatter(1, y.unsqueeze(1), torch.inf)
-    return (others > 0).all(1)
+    return worst_of(margins, y) > 0
 
 
 def robust_loss(
@@ -115,8 +119,7 @@ def worst_margin(
     net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
 ) -> torch.Tensor:
     """``min_{j != y} J_j``: positive exactly when the example is certified, ``(B,)``."""
-    margins = margin_bounds(net, x, y, input_set, slopes)
-    return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
+    return worst_of(margin_bounds(net, x, y, input_set, slopes), y)
 
 
 def certified_radius(
