@@ -24,6 +24,7 @@ box (``BoxedLinfBall``), as the exact results in the literature do.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,10 @@ def parse_args(argv: list[str] | None):
         parser.error(f"--indices must be comma-separated integers, got {args.indices!r}")
     if args.indices is not None and (not args.indices or args.indices[0] < 0):
         parser.error("--indices must name test examples (integers >= 0)")
+    if not (math.isfinite(args.eps) and args.eps >= 0):
+        parser.error(f"--eps must be a finite number >= 0, got {args.eps}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive integer, got {args.limit}")
     if args.quick and args.limit is None and args.indices is None:
         args.limit = 30
     return args

@@ -63,3 +63,12 @@ def test_per_example_verdicts_are_consistent(ladder_run: tuple[Path, Path]) -> N
         point = torch.from_numpy(saved["x_adv"]).reshape(1, 1, 28, 28)
         assert (point - x[index].double()).abs().max() <= 0.1 + 1e-12
         assert model(point).argmax(1).item() != int(y[index])
+
+
+@pytest.mark.parametrize("argv", [["--eps", "-1"], ["--eps", "nan"], ["--limit", "0"], ["--indices", "1,x"],
+                                  ["--methods", "dual,foo"]])
+def test_bad_arguments_are_named(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ladder.parse_args(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
