@@ -22,7 +22,7 @@ from polytope.robust import (
     worst_margin,
 )
 from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
-from polytope.slopes import optimize_slopes
+from polytope.slopes import OptimizedSlopes, optimize_slopes
 
 __all__ = [
     "BoxedLinfBall",
@@ -38,6 +38,7 @@ __all__ = [
     "ModelFileError",
     "ModelModeError",
     "Network",
+    "OptimizedSlopes",
     "PolytopeError",
     "Relaxation",
     "ShapeMismatchError",

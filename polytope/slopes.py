@@ -8,6 +8,8 @@ valid bounds; the best ``J`` seen is kept, per objective.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from polytope.dual import DualNetwork
@@ -65,6 +67,20 @@ def warm_start(
     return torch.maximum(j_fixed, j_adaptive), alpha
 
 
+class OptimizedSlopes(NamedTuple):
+    """The slopes :func:`optimize_slopes` ended with, per example.
+
+    ``bounds``: one ``(B, *layer_shape)`` tensor per ReLU layer, the slopes of every
+    intermediate bound; ``objective``: one ``(B, m, *layer_shape)`` tensor per ReLU layer, each
+    objective's own slopes in its final backward pass (``None`` without ``per_objective``: the
+    objectives use ``bounds``).  ``DualNetwork(net, x, S, slopes=bounds).objective(c, objective)``
+    recomputes ``J``.
+    """
+
+    bounds: list[torch.Tensor]
+    objective: list[torch.Tensor] | None
+
+
 def optimize_slopes(
     net: Network,
     x: torch.Tensor,
@@ -74,11 +90,15 @@ def optimize_slopes(
     lr: float = 0.1,
     patience: int = 5,
     until_positive: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Maximise ``J(c)`` over one lower slope per unit of every ReLU layer, per example.
+    per_objective: bool = True,
+) -> tuple[torch.Tensor, OptimizedSlopes]:
+    """Maximise ``J(c)`` over the lower slopes of every ReLU layer, per example.
 
-    Warm start: per example, the better (larger summed ``J``) of the fixed (eq. 8) and the
-    adaptive slopes, and ``J >= max(J_fixed, J_adaptive)`` per objective from the start.
+    The slopes of the intermediate bounds are one per unit, shared by all objectives; with
+    ``per_objective`` (the default) each objective's final backward pass (eq. 7 from ``c``) has
+    its own slopes too, as ``alpha`` in Theorem 1 may differ per objective.  Every choice is
+    sound.  Warm start: per example, the better (larger summed ``J``) of the fixed (eq. 8) and
+    the adaptive slopes, and ``J >= max(J_fixed, J_adaptive)`` per objective from the start.
     Projected Adam on ``alpha in [0, 1]`` for at most ``steps`` steps; an example leaves the
     batch once none of its objectives improved for ``patience`` steps.  ``c: (B, m, n_out)``
     or ``(m, n_out)``.
@@ -88,8 +108,8 @@ def optimize_slopes(
     is positive), and the ascent only pushes objectives not yet positive.  Its ``J`` are then
     valid lower bounds but not maximised.
 
-    Returns ``(J, alpha)``: ``J: (B, m)`` the best bound seen for each objective (each a valid
-    lower bound) and ``alpha`` every example's slopes when it left the batch.
+    Returns ``(J, slopes)``: ``J: (B, m)`` the best bound seen for each objective (each a valid
+    lower bound) and every example's :class:`OptimizedSlopes` when it left the batch.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -98,6 +118,10 @@ def optimize_slopes(
     if c.dim() == 2:
         c = c.unsqueeze(0).expand(x.shape[0], *c.shape)
     best, start = warm_start(net, x, input_set, c)
+    m = c.shape[1]
+    n_bounds = len(start)
+    if per_objective:
+        start = start + [a.unsqueeze(1).expand(-1, m, *a.shape[1:]) for a in start]
     alpha_out = [a.clone() for a in start]
     counted = c.flatten(2).ne(0).any(2)  # objectives that are not trivially 0
     with torch.no_grad():  # J <= c^T f(x) <= 0 somewhere: no slopes can certify the example
@@ -121,7 +145,8 @@ def optimize_slopes(
             active = active[~done]
         leaves = adam.leaves()
         with torch.enable_grad():
-            j = DualNetwork(net, x[active], input_set, slopes=leaves).objective(c[active])
+            dual = DualNetwork(net, x[active], input_set, slopes=leaves[:n_bounds])
+            j = dual.objective(c[active], leaves[n_bounds:] or None)
             pushed = counted[active] & (best[active] <= 0) if until_positive else counted[active]
             grads = torch.autograd.grad((j * pushed).sum(), leaves, allow_unused=True)
         with torch.no_grad():
@@ -132,4 +157,4 @@ def optimize_slopes(
             for out, a in zip(alpha_out, leaves, strict=True):
                 out[active] = a.detach()
             adam.step([torch.zeros_like(a) if g is None else g for a, g in zip(leaves, grads, strict=True)])
-    return best, alpha_out
+    return best, OptimizedSlopes(alpha_out[:n_bounds], alpha_out[n_bounds:] if per_objective else None)

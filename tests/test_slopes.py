@@ -33,9 +33,9 @@ def test_optimized_between_fixed_adaptive_and_the_exact_minimum(seed: int, eps: 
     input_set = pt.LinfBall(eps)
     j_fixed = pt.DualNetwork(net, x, input_set).objective(c)
     j_adaptive = pt.DualNetwork(net, x, input_set, slopes="adaptive").objective(c)
-    j_opt, alpha = pt.optimize_slopes(net, x, input_set, c, steps=15)
+    j_opt, slopes = pt.optimize_slopes(net, x, input_set, c, steps=15)
     assert (j_opt >= torch.maximum(j_fixed, j_adaptive) - 1e-12).all()
-    assert all(((a >= 0) & (a <= 1)).all() for a in alpha)
+    assert all(((a >= 0) & (a <= 1)).all() for a in slopes.bounds + slopes.objective)
     for b in range(2):
         milp = ExactMILP(net, x[b], input_set)
         for m in range(2):
@@ -71,7 +71,7 @@ def test_custom_slopes_are_checked() -> None:
 def test_batch_shrinking_matches_each_example_alone() -> None:
     """Examples leave the batch at different steps; each one's result is what it gets alone.
 
-    (Slopes agree to rounding only: Adam's normalised step turns 1e-16 gradient noise into 1e-7.)
+    (Slopes agree to rounding only: Adam's normalised step turns 1e-16 gradient noise into up to 2e-5.)
     """
     net = pt.Network.from_torch(_conv(3))
     x = torch.rand(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -81,8 +81,39 @@ def test_batch_shrinking_matches_each_example_alone() -> None:
     for b in range(4):
         j_one, a_one = pt.optimize_slopes(net, x[b:b + 1], input_set, c[b:b + 1], steps=12, patience=2)
         assert torch.allclose(j_batch[b], j_one[0], atol=1e-10, rtol=0)
-        for ab, ao in zip(a_batch, a_one, strict=True):
-            assert torch.allclose(ab[b], ao[0], atol=1e-5, rtol=0)
+        for ab, ao in zip(a_batch.bounds + a_batch.objective, a_one.bounds + a_one.objective, strict=True):
+            assert torch.allclose(ab[b], ao[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("per_objective", [False, True])
+def test_returned_slopes_give_a_sound_bound(per_objective: bool) -> None:
+    """The slopes an example ends with, fed back to the dual, bound every sampled point."""
+    seq = _conv(5)
+    net = pt.Network.from_torch(seq)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    c = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    input_set = pt.LinfBall(0.15)
+    j_opt, slopes = pt.optimize_slopes(net, x, input_set, c, steps=8, per_objective=per_objective)
+    assert (slopes.objective is not None) == per_objective
+    if per_objective:
+        assert [tuple(a.shape) for a in slopes.objective] == [(2, 3, *a.shape[1:]) for a in slopes.bounds]
+    j = pt.DualNetwork(net, x, input_set, slopes=slopes.bounds).objective(c, slopes.objective)
+    points = input_set.sample(x, 3000, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        values = torch.einsum("bmo,bno->bmn", c, torch.stack([seq(points[b]) for b in range(2)]))
+    assert (j <= values.min(2).values + 1e-9).all()
+    assert (j_opt <= values.min(2).values + 1e-9).all()
+
+
+def test_per_objective_slopes_help_on_average() -> None:
+    """Own slopes per objective in the final pass: more freedom, a larger total bound (by 0.04 here)."""
+    net = pt.Network.from_torch(_conv(8))
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    c = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    input_set = pt.LinfBall(0.2)
+    shared, _ = pt.optimize_slopes(net, x, input_set, c, steps=30, per_objective=False)
+    own, _ = pt.optimize_slopes(net, x, input_set, c, steps=30, per_objective=True)
+    assert own.sum() > shared.sum() + 1e-3
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])

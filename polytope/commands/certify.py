@@ -37,6 +37,9 @@ from polytope.runner import (
 from polytope.sets import InputSet
 
 SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
+#: Methods whose algorithm changed since their first stored results: the revision joins the run
+#: key, so old rows are never mixed with new ones (``optimized``: per-objective final slopes).
+REVISIONS = {"optimized": 2}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -128,7 +131,8 @@ def certify_table(
     """
     spec = RunSpec(
         command="certify", model_hash=model_hash(seq), data=data, eps=float(input_set.eps),
-        options={**options, "method": method, "time_limit": time_limit if method in SOLVER_METHODS else None},
+        options={**options, "method": method, "time_limit": time_limit if method in SOLVER_METHODS else None,
+                 **({"revision": REVISIONS[method]} if method in REVISIONS else {})},
         n_examples=len(x) if indices is None else None, indices=indices,
         chunk_size=max(chunk_size, batch_size),
     )
