@@ -266,6 +266,7 @@ class _Outcome:
     df: pd.DataFrame | None = None
     error: str | None = None
     attempts: int | None = None
+    skipped: bool = False  # another process committed these examples meanwhile
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -274,9 +275,17 @@ def _describe_error(exc: BaseException) -> str:
 
 
 def _run_in_process(
-    fn: ComputeChunk, payload: Any, chunks: Sequence[tuple[int, ...]], retries: int
+    fn: ComputeChunk, payload: Any, chunks: Sequence[tuple[int, ...]], retries: int,
+    done: Callable[[], set[int]] | None = None,
 ) -> Iterator[_Outcome]:
-    for chunk in chunks:
+    """Compute the chunks one by one; ``done()`` (the store's finished examples, re-read before
+    each chunk) lets several processes share one store without recomputing each other's work."""
+    for full in chunks:
+        finished = done() if done is not None else set()
+        chunk = tuple(i for i in full if i not in finished)
+        if not chunk:
+            yield _Outcome(full, skipped=True)
+            continue
         attempts = 0
         while True:
             attempts += 1
@@ -633,7 +642,7 @@ def run(
         outcomes = _run_process_pool(compute_chunk, payload, chunks, retries, min(workers, len(chunks)))
         where = f"{min(workers, len(chunks))} local processes"
     else:
-        outcomes = _run_in_process(compute_chunk, payload, chunks, retries)
+        outcomes = _run_in_process(compute_chunk, payload, chunks, retries, lambda: store.scan().done)
         where = "in-process"
 
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -651,6 +660,9 @@ def run(
     try:
         with closing(outcomes):
             for outcome in outcomes:
+                if outcome.skipped:
+                    bar.update(len(outcome.chunk))
+                    continue
                 if outcome.df is not None:
                     try:
                         store.write_part(outcome.df, outcome.chunk)

@@ -268,6 +268,25 @@ def test_in_process_run_resumes_and_computes_only_missing(tmp_path):
     assert len(logged(log)) == 35
 
 
+def test_in_process_run_skips_what_another_process_committed(tmp_path):
+    """Two processes on one store: chunks the other one committed meanwhile are not recomputed."""
+    log = tmp_path / "log"
+    payload = Payload(log=str(log))
+    store = tmp_path / "store"
+    other = RunSpec(command="toy", model_hash="m" * 64, data="toy:test", eps=0.1,
+                    options={"solver": "fake"}, indices=list(range(5, 10)), chunk_size=5)
+
+    def first_chunk_meanwhile(payload: Payload, indices: list[int]) -> pd.DataFrame:
+        if indices[0] == 0:  # while this chunk runs, "another process" finishes examples 5..9
+            run(other, toy_chunk, payload=payload, store_dir=store, progress=False)
+        return toy_chunk(payload, indices)
+
+    df = run(spec_for(n=10), first_chunk_meanwhile, payload=payload, store_dir=store, progress=False)
+    assert_same(df, expected(range(10)))
+    assert sorted(logged(log)) == list(range(10))  # 4 (of chunk 4..7) once, 5..9 by the other run only
+    assert df.attrs["polytope_run"]["computed"] == 5
+
+
 def test_progress_bar_and_summary_go_to_stderr(tmp_path, capsys):
     run(spec_for(n=10), toy_chunk, payload=Payload(), store_dir=tmp_path, progress=True)
     err = capsys.readouterr().err
