@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default: all; quick: 30)")
     parser.add_argument("--indices", default=None, help="comma-separated test indices instead of --limit")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per LP/MIP solve")
-    parser.add_argument("--retry-time-limit", type=float, default=120.0,
-                        help="seconds per MIP when the cascade's timeouts are retried (0: no retry)")
+    parser.add_argument("--retry-time-limit", type=float, nargs="+", default=[120.0], metavar="SECONDS",
+                        help="seconds per MIP when the cascade's timeouts are retried; several values retry "
+                             "what still times out with each limit in turn (0: no retry)")
     parser.add_argument("--batch-size", type=int, default=50, help="examples per batch")
     parser.add_argument("--store", default="runs", help="results store (shared with polytope certify)")
     parser.add_argument("--counterexamples", default=None, metavar="DIR",
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None):
         parser.error("--indices must name test examples (integers >= 0)")
     if not (math.isfinite(args.eps) and args.eps >= 0):
         parser.error(f"--eps must be a finite number >= 0, got {args.eps}")
+    if any(not (math.isfinite(t) and t >= 0) for t in args.retry_time_limit):
+        parser.error(f"--retry-time-limit: seconds must be finite and >= 0, got {args.retry_time_limit}")
+    args.retry_time_limit = [t for t in args.retry_time_limit if t > 0]
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive integer, got {args.limit}")
     if args.quick and args.limit is None and args.indices is None:
@@ -143,9 +147,8 @@ def run_methods(args, seq: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         tables[method] = certify_table(seq, x, y, input_set, method=method, indices=indices,
                                        counterexamples=str(cex) if method == "cascade" else None, **common)
         if method == "cascade":
-            if args.retry_time_limit:
-                tables[method] = retry_timeouts(tables[method], args.retry_time_limit, seq, x, y, input_set, cex,
-                                                common)
+            for limit in args.retry_time_limit:  # escalating limits: each retries what is still open
+                tables[method] = retry_timeouts(tables[method], limit, seq, x, y, input_set, cex, common)
             checked = verify_counterexamples(tables[method], as_float64(Network.from_torch(seq)), x, input_set, cex)
             print(f"cascade: {checked} counterexamples re-checked by a float64 forward pass", flush=True)
         print(f"{method}: done in {time.perf_counter() - start:.1f} s (wall, this call)", flush=True)
@@ -173,10 +176,11 @@ def retry_timeouts(table: pd.DataFrame, time_limit: float, seq: torch.nn.Module,
                    input_set: InputSet, cex: Path, common: dict) -> pd.DataFrame:
     """Re-run the cascade's ``timeout`` examples with a longer limit per MIP; their rows replace the first ones.
 
-    ``seconds`` of a retried example adds both passes; ``retried`` marks it.
+    ``seconds`` of a retried example adds all its passes; ``retried`` marks it.
     """
     timed_out = table.loc[table["verdict"] == "timeout", "index"].tolist()
-    table = table.assign(retried=False)
+    if "retried" not in table:
+        table = table.assign(retried=False)
     if not timed_out:
         return table
     print(f"cascade: retrying {len(timed_out)} timeout(s) with {time_limit:g} s per MIP", flush=True)

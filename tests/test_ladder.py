@@ -65,8 +65,13 @@ def test_per_example_verdicts_are_consistent(ladder_run: tuple[Path, Path]) -> N
         assert model(point).argmax(1).item() != int(y[index])
 
 
+def test_escalating_retry_limits_parse() -> None:
+    assert ladder.parse_args(["--retry-time-limit", "120", "1200"]).retry_time_limit == [120.0, 1200.0]
+    assert ladder.parse_args(["--retry-time-limit", "0"]).retry_time_limit == []  # no retry
+
+
 @pytest.mark.parametrize("argv", [["--eps", "-1"], ["--eps", "nan"], ["--limit", "0"], ["--indices", "1,x"],
-                                  ["--methods", "dual,foo"]])
+                                  ["--methods", "dual,foo"], ["--retry-time-limit", "120", "-5"]])
 def test_bad_arguments_are_named(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         ladder.parse_args(argv)
