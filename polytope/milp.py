@@ -33,6 +33,7 @@ from polytope.lp import (
     as_float64,
     batch_of_one,
     check_bounds,
+    check_memory,
     dual_bounds,
     extract,
     relu_sets,
@@ -55,6 +56,9 @@ class ExactMILP:
         max_unstable: refuse (:class:`SolverError`) networks with more unstable units than this,
             unless ``force``.
         mip_rel_gap, mip_abs_gap: optimality gaps (tiny by default: the value is exact up to them).
+        memory_limit: bytes the model may use (default: the memory available); a larger model is
+            refused with :class:`SolverError` before it is built (the search tree grows within
+            the estimate's 2x margin on the MNIST model; a long search may need more).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class ExactMILP:
         mip_abs_gap: float = 1e-9,
         feasibility_tolerance: float = 1e-9,
         highs_options: dict[str, Any] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         start = time.perf_counter()
         self.net = as_float64(net)
@@ -77,6 +82,8 @@ class ExactMILP:
         self.shapes = self.net.shapes(tuple(self.x.shape[1:]))
         input_set.validate(self.x)
         self.time_limit = time_limit
+        affines = network_matrices(self.net, self.shapes[0])
+        check_memory(affines, "MILP", memory_limit)
         self.bounds = self._bounds(bounds, input_set)
         self.n_unstable = [int(relu_sets(lo, up)[2].sum()) for lo, up in self.bounds]
         total = sum(self.n_unstable)
@@ -91,7 +98,6 @@ class ExactMILP:
             {"mip_rel_gap": mip_rel_gap, "mip_abs_gap": mip_abs_gap, "mip_feasibility_tolerance": feasibility_tolerance}
         )
         self.model = HighsModel(options)
-        affines = network_matrices(self.net, self.shapes[0])
         self.cols = add_input(self.model, self.x[0].flatten().numpy(), input_set, self.x)
         for affine, (lo, up) in zip(affines[:-1], self.bounds, strict=True):
             add_affine(self.model, self.cols, affine)

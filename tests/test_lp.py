@@ -28,9 +28,11 @@ from torch import nn
 from polytope.dual import DualNetwork
 from polytope.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.lp import (
+    BYTES_PER_NONZERO,
     LPResult,
     RelaxedLP,
     RelaxedLPCvxpy,
+    available_memory,
     optimize_alpha,
     relu_sets,
     tightness_rows,
@@ -427,6 +429,18 @@ def test_milp_equals_pattern_enumeration(seed, eps):
     expected = _enumerate_patterns(seq, x, eps, c)
     assert abs(r.value - expected) <= 1e-6 * max(1.0, abs(expected)), (r.value, expected)
     assert r.bound <= r.value + 1e-9
+
+
+def test_models_that_would_not_fit_in_memory_are_refused():
+    """LP and MILP estimate their memory from the constraint non-zeros and refuse before building."""
+    net = Network.from_torch(_fc(2, [4, 10, 10, 3]))
+    x = torch.randn(1, 4, dtype=torch.float64)
+    nonzeros = 4 * 10 + 10 * 10 + 10 * 3 + 4 * (10 + 10 + 3)
+    for model in (RelaxedLP, ExactMILP):
+        with pytest.raises(SolverError, match=r"GiB.*available.*memory_limit"):
+            model(net, x, LinfBall(0.3), memory_limit=BYTES_PER_NONZERO * nonzeros - 1)
+        model(net, x, LinfBall(0.3), memory_limit=BYTES_PER_NONZERO * nonzeros)  # just fits
+    assert available_memory() is None or available_memory() > 0
 
 
 def test_milp_refuses_too_many_unstable_units_and_cutoff_statuses():
