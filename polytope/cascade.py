@@ -25,7 +25,7 @@ from polytope.errors import PolytopeError, SolverError
 from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
-from polytope.robust import margin_objective
+from polytope.robust import margin_objective, worst_of
 from polytope.sets import InputSet
 from polytope.slopes import optimize_slopes
 
@@ -173,8 +173,7 @@ class Cascade:
             self._record(verdicts[k], rung, margins[j], seconds, proven[k])
 
     def _record(self, v: Verdict, rung: str, margins: torch.Tensor, seconds: float, proven: torch.Tensor) -> None:
-        others = torch.cat([margins[:v.label], margins[v.label + 1:]])
-        v.margins[rung] = float(others.min())
+        v.margins[rung] = float(worst_of(margins.unsqueeze(0), torch.tensor([v.label]))[0])
         v.seconds[rung] = v.seconds.get(rung, 0.0) + seconds
         if v.verdict == "undecided" and bool(proven.all()):
             v.verdict, v.rung = "certified", rung
