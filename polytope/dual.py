@@ -35,6 +35,7 @@ from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
 from polytope.patches import (
     PatchTerms,
+    channel_major,
     conv_prefix,
     fold_patches,
     kernel_rows,
@@ -93,6 +94,11 @@ class Relaxation:
         if alpha.dim() == self.upper_slope.dim() + 1:
             return torch.where(self.sets.unstable.unsqueeze(1), alpha, self.upper_slope.unsqueeze(1))
         return torch.where(self.sets.unstable, alpha, self.upper_slope)
+
+    @cached_property
+    def unstable_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`unstable_indices` of ``I``: flat indices ``(B, K)`` and their validity."""
+        return unstable_indices(self.sets.unstable)
 
     def adaptive_slope(self) -> torch.Tensor:
         """CROWN's adaptive lower slope: 1 where ``u >= -l``, else 0 (on ``I``)."""
@@ -253,16 +259,21 @@ class DualNetwork:
 
         ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).
         """
-        nu = -c
+        batch, m = c.shape[:2]
+        shared = batch > 1 and c.stride(0) == 0  # the same objectives for every example (c = I)
+        nu = -(c[:1] if shared else c)
         bias = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
         relu = torch.zeros_like(bias)
         relu_neg = torch.zeros_like(bias) if slopes is None else None
         for i in range(depth - 1, -1, -1):
             if i == 1 and self._shortcut_applies:
-                return self._prefix_shortcut(-nu, bias, relu, relu_neg, slopes, pairs and depth == 3)
+                w = -nu.expand(batch, *nu.shape[1:])
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3)
             layer, in_shape = self.net.layers[i], self.shapes[i]
-            bias = bias + (nu.flatten(2) * self.biases[i].flatten()).sum(2)
+            bias = bias + nu.flatten(2) @ self.biases[i].flatten()
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
+            if shared:  # W^T of c once, not once per example
+                nu_hat, shared = nu_hat.expand(batch, *nu_hat.shape[1:]), False
             if i == 0:
                 return DualTerms(nu_hat, bias, relu, relu_neg)
             r = self.relaxations[i - 1]
@@ -273,10 +284,13 @@ class DualNetwork:
                 a = slopes[i - 1]
                 a = a if a.dim() == nu_hat.dim() else a.unsqueeze(1)
                 nu = torch.where(nu_hat >= 0, d, a) * nu_hat
-            lower = r.lower_unstable.unsqueeze(1)
-            relu = relu + (lower * nu.clamp_min(0)).flatten(2).sum(2)
+            # the ReLU term: l is 0 off the unstable set, so only its columns count
+            index, valid = r.unstable_index
+            nu_u = torch.gather(nu.flatten(2), 2, index.unsqueeze(1).expand(-1, m, -1))
+            lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+            relu = relu + (lower * nu_u.clamp_min(0)).sum(2)
             if relu_neg is not None:
-                relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(2).sum(2)
+                relu_neg = relu_neg + (lower * (-nu_u).clamp_min(0)).sum(2)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property
@@ -291,6 +305,12 @@ class DualNetwork:
         assert ops is not None
         r = self.relaxations[0]
         return patch_backward(ops, self.shapes[2], [r.upper_slope], [r.lower_unstable], None, 1.0)
+
+    @cached_property
+    def _unstable_rows(self) -> torch.Tensor:
+        """Rows of the second convolution's ``W^T`` at the first ReLU layer's unstable units."""
+        conv1 = self.net.layers[1].ops[0]
+        return transpose_rows(conv1, self.shapes[1], self.shapes[2], self.relaxations[0].unstable_index[0])
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
@@ -310,14 +330,14 @@ class DualNetwork:
         """
         terms = self._prefix_terms
         flat = w.flatten(2)
-        bias = bias + (flat @ terms.bias.unsqueeze(2)).squeeze(2)
+        bias = bias + (flat @ channel_major(terms.bias).unsqueeze(2)).squeeze(2)
         r = self.relaxations[0]
-        index, valid = unstable_indices(r.sets.unstable)
-        conv0, conv1 = self.net.layers[0].ops[0], self.net.layers[1].ops[0]
-        rows_1 = transpose_rows(conv1, self.shapes[1], self.shapes[2], index)  # (B, K, n_1)
+        index, valid = r.unstable_index
+        conv0 = self.net.layers[0].ops[0]
+        rows_1 = self._unstable_rows  # (B, K, n_1)
         if pairs:
             n = w.shape[1] // 2
-            unit, valid_1 = unstable_indices(self.relaxations[1].sets.unstable)
+            unit, valid_1 = self.relaxations[1].unstable_index
             rest = torch.gather(flat[:, :n] + flat[:, n:], 2, unit.unsqueeze(1).expand(-1, n, -1))
             rest = rest * valid_1.unsqueeze(1)  # (B, n, K_1)
             head = fold_patches(w[:, :n], terms, self.shapes[0]).flatten(2)
@@ -349,10 +369,16 @@ class DualNetwork:
             relu_neg = relu_neg + (lower * (-nu_0).clamp_min(0)).sum(2)
         return DualTerms(nu_hat_1, bias, relu, relu_neg)
 
-    def _value(self, terms: DualTerms, sign: float = 1.0) -> torch.Tensor:
-        """``J(sign * c)``; ``sign = -1`` reuses a linear pass (``nu`` flips sign)."""
-        relu = terms.relu if sign > 0 else terms.relu_neg
-        return -sign * terms.bias + self.input_set.min_linear(self.x, -sign * terms.nu_hat_1) + relu
+    def _value(self, terms: DualTerms) -> torch.Tensor:
+        """``J(c)`` (eq. 6) from one backward pass: ``min <-nu_hat_1, x'> = -<nu_hat_1, m> - support``."""
+        centre, support = self.input_set.centre_and_support(self.x, terms.nu_hat_1)
+        return -terms.bias - centre - support + terms.relu
+
+    def _value_pair(self, terms: DualTerms) -> tuple[torch.Tensor, torch.Tensor]:
+        """``J(c)`` and ``J(-c)`` from one linear pass (``nu`` flips sign; the input set is symmetric)."""
+        assert terms.relu_neg is not None
+        centre, support = self.input_set.centre_and_support(self.x, terms.nu_hat_1)
+        return -terms.bias - centre - support + terms.relu, terms.bias + centre - support + terms.relu_neg
 
     # -- Algorithm 1: layer bounds ---------------------------------------------------------
     def _compute_bounds(self, order: Order) -> None:
@@ -383,8 +409,8 @@ class DualNetwork:
         n, batch = numel(shape), self.x.shape[0]
         eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device).reshape(n, *shape)
         if self.slopes == "fixed":
-            terms = self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None)
-            lower, upper = self._value(terms), -self._value(terms, sign=-1.0)
+            lower, neg_upper = self._value_pair(self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None))
+            upper = -neg_upper
         else:
             c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
             j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], pairs=True))
@@ -424,7 +450,7 @@ class DualNetwork:
             lower = value(patch_backward(ops, shape, d, low, a, 1.0), 1.0)
             upper = -value(patch_backward(ops, shape, d, low, a, -1.0), 1.0)
         batch = self.x.shape[0]
-        return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+        return channel_major(lower).reshape(batch, *shape), channel_major(upper).reshape(batch, *shape)
 
     def _first_layer_is_interval(self) -> bool:
         ops = [op for op in self.net.layers[0].ops if isinstance(op, LinearOp | Conv2dOp)]
@@ -498,8 +524,9 @@ class _ForwardState:
         batch, shape = x.shape[0], self.const.shape[1:]
         g = self.inputs.expand(batch, *self.inputs.shape[1:]).flatten(2).transpose(1, 2)
         g = g.reshape(batch, numel(shape), *x.shape[1:])
-        lower = self.const.flatten(1) + input_set.min_linear(x, g)
-        upper = self.const.flatten(1) - input_set.min_linear(x, -g)
+        centre, support = input_set.centre_and_support(x, g)
+        lower = self.const.flatten(1) + centre - support
+        upper = self.const.flatten(1) + centre + support
         for columns, widths in self.offsets:
             m = columns.flatten(2)
             w = widths.unsqueeze(2)

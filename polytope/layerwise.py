@@ -103,8 +103,8 @@ def first_layer_bounds(net: Network, x: torch.Tensor, input_set: InputSet) -> Bo
         return centre - radius, centre + radius
     g = w.T.reshape(1, -1, *in_shape).expand(x.shape[0], -1, *in_shape)
     bias = layer.bias(in_shape, x).flatten()
-    lower = input_set.min_linear(x, g) + bias
-    upper = -input_set.min_linear(x, -g) + bias
+    centre, support = input_set.centre_and_support(x, g)
+    lower, upper = centre - support + bias, centre + support + bias
     return lower.reshape(x.shape[0], *out_shape), upper.reshape(x.shape[0], *out_shape)
 
 

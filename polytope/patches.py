@@ -10,6 +10,7 @@ Algorithm 1 on the paper's MNIST model by an order of magnitude, with the same n
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -47,6 +48,10 @@ class PatchGeometry:
         return cols.permute(0, 2, 3, 1, 4, 5)
 
 
+CHUNK = 8
+"""Examples per chunk in the patch computations: one chunk's patches and products stay in cache."""
+
+
 def _is_square(op: Conv2dOp) -> bool:
     """Same kernel size, stride and padding along both axes (:class:`PatchGeometry` has one of each)."""
     m = op.module
@@ -69,8 +74,10 @@ def conv_prefix(net: Network, depth: int) -> list[Conv2dOp] | None:
 class PatchTerms(NamedTuple):
     """Eq. (6)'s terms for ``c = sign * e_u`` over every unit ``u`` of a convolutional layer.
 
-    Mirrors :class:`polytope.dual.DualTerms` with patches: ``nu_hat_1`` is ``(B, U, C_0, K, K)``
-    and ``geometry`` says where each patch sits in the input.
+    Mirrors :class:`polytope.dual.DualTerms` with patches, position-major: ``nu_hat_1`` is
+    ``(B, L, P, C)`` for the ``L = H W`` output positions, ``P = C_0 K K`` patch entries and
+    ``C`` channels, and ``bias``, ``relu``, ``relu_neg`` are ``(B, L, C)``; ``geometry`` says
+    where each patch sits in the input.
     """
 
     nu_hat_1: torch.Tensor
@@ -78,6 +85,11 @@ class PatchTerms(NamedTuple):
     bias: torch.Tensor
     relu: torch.Tensor
     relu_neg: torch.Tensor | None
+
+
+def channel_major(t: torch.Tensor) -> torch.Tensor:
+    """A position-major ``(B, L, C)`` unit vector in the layer's own ``(B, C H W)`` order."""
+    return t.transpose(1, 2).reshape(t.shape[0], -1)
 
 
 def _channel_bias(op: Conv2dOp, like: torch.Tensor) -> torch.Tensor:
@@ -99,6 +111,17 @@ def _patch_transpose_matrix(op: Conv2dOp, patch_shape: tuple[int, ...]) -> torch
     return F.conv_transpose2d(eye, m.weight, None, m.stride).flatten(1)
 
 
+def _last_geometry(op: Conv2dOp) -> PatchGeometry:
+    """A unit's receptive field in the input of its own convolution."""
+    m = op.module
+    return PatchGeometry(m.kernel_size[0], m.stride[0], m.padding[0])
+
+
+def _position_major(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` to ``(B, H W, C)``."""
+    return t.flatten(2).transpose(1, 2)
+
+
 def patch_backward(
     ops: list[Conv2dOp],
     out_shape: Shape,
@@ -111,47 +134,157 @@ def patch_backward(
 
     ``out_shape`` is the last convolution's output shape; ``upper_slopes``,
     ``lower_unstable`` (``l`` on ``I``, else 0) and ``lower_slopes`` (``None``: linear,
-    ``alpha = d``) describe the ReLU after each convolution but the last.
+    ``alpha = d``) describe the ReLU after each convolution but the last.  The work runs in
+    chunks of :data:`CHUNK` examples (the patches of one chunk stay in cache).
     """
+    batch = upper_slopes[0].shape[0]
+    cells = _CellPlan.for_ops(ops[0], ops[1], sign) if len(ops) == 2 and lower_slopes is None else None
+    transposes, geometry = [], _last_geometry(ops[-1])
+    for op in reversed(ops[:-1] if cells is None else []):
+        transposes.append(_patch_transpose_matrix(op, (op.module.out_channels, geometry.size, geometry.size)))
+        geometry = geometry.through(op)
+    parts = [
+        _patch_backward_chunk(ops, out_shape, [t[s:s + CHUNK] for t in upper_slopes],
+                              [t[s:s + CHUNK] for t in lower_unstable],
+                              None if lower_slopes is None else [t[s:s + CHUNK] for t in lower_slopes], sign,
+                              transposes, cells)
+        for s in range(0, max(batch, 1), CHUNK)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    relu_neg = None if parts[0].relu_neg is None else torch.cat([p.relu_neg for p in parts])
+    return PatchTerms(torch.cat([p.nu_hat_1 for p in parts]), parts[0].geometry,
+                      torch.cat([p.bias for p in parts]), torch.cat([p.relu for p in parts]), relu_neg)
+
+
+def _patch_backward_chunk(
+    ops: list[Conv2dOp],
+    out_shape: Shape,
+    upper_slopes: list[torch.Tensor],
+    lower_unstable: list[torch.Tensor],
+    lower_slopes: list[torch.Tensor] | None,
+    sign: float,
+    transposes: list[torch.Tensor],
+    cells: _CellPlan | None,
+) -> PatchTerms:
+    """One chunk of :func:`patch_backward`: by ``cells`` (two convolutions, linear) or by the
+    patch transposes ``transposes`` of the layers below ``ops[-1]``, top down."""
     last = ops[-1]
     c_out, h_o, w_o = out_shape
     batch = upper_slopes[0].shape[0]
     weight = last.module.weight
-    units = c_out * h_o * w_o
     # nu_{i+1} = -sign e_u, so nu_hat_i = -sign W^T e_u: the kernel of channel c, at every (h, w).
     kernel = -sign * weight
-    nu_hat = kernel[None, :, None, None].expand(batch, c_out, h_o, w_o, *weight.shape[1:])
-    bias = (-sign * _channel_bias(last, weight)).reshape(1, c_out, 1, 1).expand(batch, c_out, h_o, w_o)
-    bias = bias.reshape(batch, units)
-    k, s, p = last.module.kernel_size[0], last.module.stride[0], last.module.padding[0]
-    geometry = PatchGeometry(k, s, p)
+    nu_hat = kernel.expand(batch, h_o, w_o, *weight.shape)
+    bias = (-sign * _channel_bias(last, weight)).expand(batch, h_o * w_o, c_out)
+    geometry = _last_geometry(last)
     # The first ReLU below: nu_hat is the kernel itself, so the ReLU and bias terms of eq. (6)
     # are ordinary convolutions of the slope maps with the kernel's positive/negative parts.
     j = len(ops) - 2
     relu, relu_neg, first_bias = _first_relu_terms(last, kernel, upper_slopes[j], lower_unstable[j],
                                                    None if lower_slopes is None else lower_slopes[j],
                                                    _channel_bias(ops[j], weight))
-    bias = bias + first_bias.reshape(batch, units)
-    relu, relu_neg = relu.reshape(batch, units), None if relu_neg is None else relu_neg.reshape(batch, units)
+    bias = bias + _position_major(first_bias)
+    relu, relu_neg = _position_major(relu), None if relu_neg is None else _position_major(relu_neg)
+    if cells is not None:
+        return PatchTerms(cells.patches(upper_slopes[0], (h_o, w_o)), geometry.through(ops[0]), bias, relu, relu_neg)
     for j in range(len(ops) - 2, -1, -1):
-        d = geometry.unfold(upper_slopes[j], (h_o, w_o)).unsqueeze(1)
+        d = geometry.unfold(upper_slopes[j], (h_o, w_o)).unsqueeze(3)  # (B, H, W, 1, C_j, K, K)
         if lower_slopes is None:
-            nu = d * nu_hat
+            nu = torch.mul(d.contiguous(), nu_hat)
         else:
-            a = geometry.unfold(lower_slopes[j], (h_o, w_o)).unsqueeze(1)
+            a = geometry.unfold(lower_slopes[j], (h_o, w_o)).unsqueeze(3)
             nu = torch.where(nu_hat >= 0, d, a) * nu_hat
         if j < len(ops) - 2:
-            lower = geometry.unfold(lower_unstable[j], (h_o, w_o)).unsqueeze(1)
-            relu = relu + (lower * nu.clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
+            lower = geometry.unfold(lower_unstable[j], (h_o, w_o)).unsqueeze(3)
+            relu = relu + (lower * nu.clamp_min(0)).flatten(4).sum(4).flatten(1, 2)
             if relu_neg is not None:
-                relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(4).sum(4).reshape(batch, units)
-            bias = bias + torch.einsum("bchwkxy,k->bchw", nu, _channel_bias(ops[j], nu)).reshape(batch, units)
+                relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).flatten(4).sum(4).flatten(1, 2)
+            bias = bias + torch.einsum("bhwckxy,k->bhwc", nu, _channel_bias(ops[j], nu)).flatten(1, 2)
         op = ops[j]
         geometry = geometry.through(op)
-        nu_hat = (nu.flatten(4) @ _patch_transpose_matrix(op, tuple(nu.shape[4:]))).reshape(
-            batch, c_out, h_o, w_o, op.module.in_channels, geometry.size, geometry.size
+        nu_hat = (nu.flatten(4) @ transposes[len(ops) - 2 - j]).reshape(
+            batch, h_o, w_o, c_out, op.module.in_channels, geometry.size, geometry.size
         )
-    return PatchTerms(nu_hat.reshape(batch, units, *nu_hat.shape[4:]), geometry, bias, relu, relu_neg)
+    return PatchTerms(nu_hat.reshape(batch, h_o * w_o, c_out, -1).transpose(2, 3), geometry, bias, relu, relu_neg)
+
+
+_CELL_PLANS: weakref.WeakKeyDictionary[Conv2dOp, list] = weakref.WeakKeyDictionary()
+"""Recent :class:`_CellPlan` per second convolution, with the weights (and versions) they came from."""
+
+
+@dataclass(frozen=True, eq=False)
+class _CellPlan:
+    """The linear patch pass through two convolutions as one batched GEMM per output cell.
+
+    With ``d`` the upper slopes between the convolutions (stride ``s_0`` of the first), the
+    patch of unit ``(c_2, L)`` is ``sum_{c, q} W_2[c_2, c, q] d[c, L, q] W_1[c]`` with ``W_1[c]``
+    placed at ``s_0 q``: linear in the ``d`` under the unit's receptive field.  Cut the patch
+    into ``s_0 x s_0`` cells ``t`` and the first kernel's taps into ``k = s_0 a + r``: cell
+    ``t`` collects ``q = t - a``, so the cell's values are ``d[., t - a]`` (``C_1 reach^2``
+    numbers) times a fixed ``(C_1 reach^2, C_0 s_0^2 C_2)`` matrix.  That is
+    ``(k_2 + reach - 1)^2 (reach s_0)^2 C_0 C_1 C_2``, about ``(k_1 k_2)^2 C_0 C_1 C_2``,
+    multiply-adds per position (the sparsity of both kernels), against ``(k_2 K)^2 C_0 C_1 C_2``
+    for multiplying out the patch transpose in the generic pass (4x more on the MNIST model).
+    """
+
+    matrices: torch.Tensor  # (cells^2, C_1 reach^2, C_0 s_0^2 C_2); rows by reversed a
+    field: PatchGeometry  # the second convolution's receptive field, widened by reach - 1 a side
+    reach: int
+    cells: int
+    stride: int
+    size: int  # the patch size K (cells * stride may exceed it by less than a stride)
+    channels: int  # C_2
+
+    @classmethod
+    def for_ops(cls, op0: Conv2dOp, op1: Conv2dOp, sign: float) -> _CellPlan:
+        """:meth:`build`, reused while both weights are unchanged and autograd does not track them."""
+        w0, w1 = op0.module.weight, op1.module.weight
+        if torch.is_grad_enabled() and (w0.requires_grad or w1.requires_grad):
+            return cls.build(op0, op1, sign)
+        state = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in (w0, w1))
+        entries = _CELL_PLANS.setdefault(op1, [])
+        for k0, k_sign, kw0, kw1, k_state, plan in entries:
+            if k0 is op0 and k_sign == sign and kw0 is w0 and kw1 is w1 and k_state == state:
+                return plan
+        plan = cls.build(op0, op1, sign)
+        entries[:] = [*entries[-3:], (op0, sign, w0, w1, state, plan)]
+        return plan
+
+    @classmethod
+    def build(cls, op0: Conv2dOp, op1: Conv2dOp, sign: float) -> _CellPlan:
+        w0, w1 = op0.module.weight, -sign * op1.module.weight
+        s0, k1 = op0.module.stride[0], op0.module.kernel_size[0]
+        c2, c1, k2, _ = w1.shape
+        c0 = w0.shape[1]
+        reach = -(-k1 // s0)
+        cells = k2 + reach - 1
+        # (c, c_0, a_y, r_y, a_x, r_x): the first kernel's taps split as k = s_0 a + r
+        taps = F.pad(w0, (0, reach * s0 - k1, 0, reach * s0 - k1)).reshape(c1, c0, reach, s0, reach, s0)
+        blocks = []
+        for ay in range(reach):
+            row = []
+            for ax in range(reach):
+                blk = torch.einsum("ocyx,cdrt->yxcdrto", w1, taps[:, :, ay, :, ax, :])  # cells q + a
+                row.append(F.pad(blk.unsqueeze(0), (0, 0) * 5 + (ax, reach - 1 - ax, ay, reach - 1 - ay)))
+            blocks.append(torch.cat(row))
+        # (a_y, a_x, t_y, t_x, c, ...) -> (t_y, t_x, c, a'_y, a'_x, ...) with a' = reach - 1 - a
+        mats = torch.stack(blocks).flip(0, 1).permute(2, 3, 4, 0, 1, 5, 6, 7, 8)
+        mats = mats.reshape(cells * cells, c1 * reach * reach, c0 * s0 * s0 * c2)
+        m1 = op1.module
+        field = PatchGeometry(k2 + 2 * (reach - 1), m1.stride[0], m1.padding[0] + reach - 1)
+        return cls(mats, field, reach, cells, s0, (k2 - 1) * s0 + k1, c2)
+
+    def patches(self, d: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """``nu_hat_1`` of every unit, ``(B, L, P, C_2)``, for the slopes ``d: (B, C_1, H_1, W_1)``."""
+        b, (h_o, w_o), n, s = d.shape[0], out_hw, self.cells, self.stride
+        window = self.field.unfold(d, out_hw)  # (B, H, W, C_1, n + reach - 1, n + reach - 1)
+        x = window.unfold(4, self.reach, 1).unfold(5, self.reach, 1)  # (B, H, W, C_1, n, n, a', a')
+        x = x.permute(4, 5, 0, 1, 2, 3, 6, 7).reshape(n * n, b * h_o * w_o, -1)
+        c0 = self.matrices.shape[2] // (s * s * self.channels)
+        out = torch.bmm(x, self.matrices).view(n, n, b * h_o * w_o, c0, s, s, self.channels)
+        out = out.permute(2, 3, 0, 4, 1, 5, 6).reshape(b * h_o * w_o, c0, n * s, n * s, self.channels)
+        return out[:, :, :self.size, :self.size].reshape(b, h_o * w_o, -1, self.channels)
 
 
 def _first_relu_terms(
@@ -178,18 +311,17 @@ def _first_relu_terms(
 
 def patch_box_terms(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor,
                     out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nu_hat_1^T m`` and ``|nu_hat_1|^T r`` for every unit, each ``(B, U)``, with the box's centre ``m``
-    and radius ``r``.
+    """``nu_hat_1^T m`` and ``|nu_hat_1|^T r`` for every unit, each ``(B, L, C)``, with the box's centre
+    ``m`` and radius ``r``.
 
     ``min_{x' in [lo, hi]} (-sign nu_hat_1)^T x' = -sign nu_hat_1^T m - |nu_hat_1|^T r`` for either sign.
     """
-    batch, units = terms.nu_hat_1.shape[:2]
     centre = terms.geometry.unfold((lo + hi) / 2, out_hw).flatten(3).flatten(1, 2)  # (B, L, P)
     radius = terms.geometry.unfold((hi - lo) / 2, out_hw).flatten(3).flatten(1, 2)
-    g = terms.nu_hat_1.reshape(batch, units // centre.shape[1], *centre.shape[1:])  # (B, C, L, P)
-    linear = (g * centre.unsqueeze(1)).sum(3)
-    spread = torch.linalg.vector_norm(g * radius.unsqueeze(1), ord=1, dim=3)
-    return linear.reshape(batch, units), spread.reshape(batch, units)
+    g = terms.nu_hat_1  # (B, L, P, C)
+    linear = (centre.unsqueeze(2) @ g).squeeze(2)
+    spread = (radius.unsqueeze(2) @ g.abs()).squeeze(2)
+    return linear, spread
 
 
 def prefix_pair_terms(
@@ -208,8 +340,7 @@ def prefix_pair_terms(
     weight = op1.module.weight
     c_out, h_o, w_o = out_shape
     batch = upper_slope.shape[0]
-    k, st, p = op1.module.kernel_size[0], op1.module.stride[0], op1.module.padding[0]
-    field = PatchGeometry(k, st, p)
+    field = _last_geometry(op1)
 
     def unfold(t: torch.Tensor) -> torch.Tensor:
         return field.unfold(t, (h_o, w_o)).reshape(batch, h_o * w_o, -1)  # (B, L, C_0 k k)
@@ -222,15 +353,14 @@ def prefix_pair_terms(
     rows = transpose[taps] * diff.unsqueeze(3)  # (B, L, kp, P)
     w = weight.flatten(1)
     parts = torch.cat([w.clamp_min(0), w.clamp_max(0)])[:, taps].permute(1, 2, 0, 3)  # (B, L, 2 C, kp)
-    corr = (parts @ rows).reshape(batch, h_o * w_o, 2, c_out, -1).permute(2, 0, 3, 1, 4)  # (2, B, C, L, P)
-    corr = corr.reshape(2, *linear.nu_hat_1.shape)
+    corr = rows.transpose(2, 3) @ parts.transpose(2, 3)  # (B, L, P, 2 C)
     out = []
-    for sign, nu_hat_1 in ((1.0, linear.nu_hat_1 - corr[0]), (-1.0, corr[1] - linear.nu_hat_1)):
+    for sign, nu_hat_1 in ((1.0, linear.nu_hat_1 - corr[..., :c_out]), (-1.0, corr[..., c_out:] - linear.nu_hat_1)):
         kernel = -sign * weight
         relu, _, first = _first_relu_terms(op1, kernel, upper_slope, lower_unstable, lower_slope,
                                            _channel_bias(op0, weight))
         bias = (-sign * _channel_bias(op1, weight)).reshape(1, c_out, 1, 1) + first
-        out.append(PatchTerms(nu_hat_1, linear.geometry, bias.reshape(batch, -1), relu.reshape(batch, -1), None))
+        out.append(PatchTerms(nu_hat_1, linear.geometry, _position_major(bias), _position_major(relu), None))
     return out[0], out[1]
 
 
@@ -355,11 +485,13 @@ def _patch_index(geometry: PatchGeometry, out_shape: Shape, in_shape: Shape) -> 
 def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torch.Tensor) -> torch.Tensor:
     """The patches ``nu_hat_1(u)`` of selected units placed in the input, ``(B, K, n_in)``.
 
-    ``fold_patches`` of a ``w`` supported on those units is then ``w @ rows``.
+    ``units`` are flat indices in the layer's ``(C, H, W)`` order.  ``fold_patches`` of a ``w``
+    supported on those units is then ``w @ rows``.
     """
     index, valid = (t.to(units.device)[units] for t in _patch_index(terms.geometry, out_shape, in_shape))
-    patches = terms.nu_hat_1.flatten(2)
-    patches = torch.gather(patches, 1, units.unsqueeze(2).expand(-1, -1, patches.shape[2]))
+    positions = out_shape[1] * out_shape[2]
+    examples = torch.arange(units.shape[0], device=units.device).unsqueeze(1)
+    patches = terms.nu_hat_1[examples, units % positions, :, units // positions]  # (B, K, P)
     # entries off the input are zeroed and added to unit 0
     vals = patches * valid.to(patches.dtype)
     return vals.new_zeros(*units.shape, numel(in_shape)).scatter_add(2, index, vals)
@@ -368,19 +500,38 @@ def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torc
 def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.Tensor:
     """``sum_u w_u nu_hat_1(u)``: combine the units' input patches, ``w: (B, m, C, H, W)``.
 
-    Per output position a ``(m x C) @ (C x patch)`` product, then the patches are folded
-    back into the input image.  Returns ``(B, m, *in_shape)``.
+    Per output position a ``(patch x C) @ (C x m)`` product, then the patches are added into
+    the input image, in chunks of :data:`CHUNK` examples.  Returns ``(B, m, *in_shape)``.
     """
-    batch, m, c, h_o, w_o = w.shape
-    patches = terms.nu_hat_1.flatten(2).reshape(batch, c, h_o * w_o, numel(terms.nu_hat_1.shape[2:]))
-    patches = patches.transpose(1, 2)  # (B, L, C, P)
-    coef = w.reshape(batch, m, c, h_o * w_o).permute(0, 3, 1, 2)  # (B, L, m, C)
-    z = torch.matmul(coef, patches)  # (B, L, m, P)
-    g = terms.geometry
-    z = z.permute(0, 2, 3, 1).reshape(batch * m, patches.shape[-1], h_o * w_o)
-    _, h_in, w_in = in_shape
-    full_h = (h_o - 1) * g.stride + g.size
-    full_w = (w_o - 1) * g.stride + g.size
-    img = F.fold(z, (full_h, full_w), g.size, stride=g.stride)
-    img = F.pad(img, (0, max(0, w_in + g.padding - full_w), 0, max(0, h_in + g.padding - full_h)))
-    return img[:, :, g.padding:g.padding + h_in, g.padding:g.padding + w_in].reshape(batch, m, *in_shape)
+    batch = w.shape[0]
+    coef = w.flatten(3).permute(0, 3, 2, 1)  # (B, L, C, m)
+    out_hw = (w.shape[3], w.shape[4])
+    parts = [_fold_chunk(coef[s:s + CHUNK], terms.nu_hat_1[s:s + CHUNK], terms.geometry, in_shape, out_hw)
+             for s in range(0, max(batch, 1), CHUNK)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, n_in, m)
+    return out.transpose(1, 2).unflatten(2, in_shape)
+
+
+def _fold_chunk(coef: torch.Tensor, patches: torch.Tensor, g: PatchGeometry, in_shape: Shape,
+                out_hw: tuple[int, int]) -> torch.Tensor:
+    """``fold_patches`` for one chunk: ``coef: (b, L, C, m)``, ``patches: (b, L, P, C)``; ``(b, n_in, m)``.
+
+    The image is cut into ``stride x stride`` tiles; a patch covers ``ceil(K / stride)`` tiles a
+    side, so adding every patch is that many shifted adds of whole tile blocks, with ``m``
+    innermost (long contiguous runs).
+    """
+    b, m = coef.shape[0], coef.shape[3]
+    c0, h_in, w_in = in_shape
+    h_o, w_o = out_hw
+    k, s, p = g.size, g.stride, g.padding
+    z = (patches @ coef.contiguous()).view(b, h_o, w_o, c0, k, k, m)
+    reach = -(-k // s)
+    rows, cols = max(h_o + reach - 1, -(-(p + h_in) // s)), max(w_o + reach - 1, -(-(p + w_in) // s))
+    tiles = z.new_zeros(b, rows, cols, c0, s, s, m)
+    for iy in range(reach):
+        hy = min(s, k - iy * s)
+        for ix in range(reach):
+            hx = min(s, k - ix * s)
+            tiles[:, iy:iy + h_o, ix:ix + w_o, :, :hy, :hx] += z[:, :, :, :, iy * s:iy * s + hy, ix * s:ix * s + hx]
+    img = tiles.permute(0, 3, 1, 4, 2, 5, 6).reshape(b, c0, rows * s, cols * s, m)
+    return img[:, :, p:p + h_in, p:p + w_in].reshape(b, c0 * h_in * w_in, m)

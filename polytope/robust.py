@@ -13,6 +13,10 @@ from polytope.network import Network
 from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
 
+MARGIN_CHUNK = 8
+"""Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
+tensor is reused from the allocator's free lists instead of fresh (page-faulting) memory."""
+
 
 def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """``c = e_y 1^T - I`` as a batch of objectives ``(B, n, n)``: row ``j`` is ``e_y - e_j``.
@@ -48,7 +52,12 @@ def margin_bounds(
     c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
     if slopes == "optimized":
         return optimize_slopes(net, x, input_set, c)[0]
-    return DualNetwork(net, x, input_set, slopes=slopes).objective(c)
+    parts = [
+        DualNetwork(net, x[s:s + MARGIN_CHUNK], input_set.rows(x.shape[0], s, s + MARGIN_CHUNK), slopes=slopes)
+        .objective(c[s:s + MARGIN_CHUNK])
+        for s in range(0, max(x.shape[0], 1), MARGIN_CHUNK)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def worst_of(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,12 @@ class InputSet(ABC):
             raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
         return e
 
+    def rows(self, batch: int, start: int, stop: int) -> InputSet:
+        """The set for examples ``start:stop`` of a batch of ``batch`` (per-example ``eps`` sliced)."""
+        if isinstance(self.eps, torch.Tensor) and self.eps.numel() == batch and batch > 1:
+            return replace(self, eps=self.eps.reshape(-1)[start:stop])
+        return self
+
     def validate(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` (finite, batched) and ``eps``; return ``eps`` as ``(B,)``."""
         if x.dim() < 2:
@@ -66,8 +72,17 @@ class InputSet(ABC):
         return self.radius(x)
 
     @abstractmethod
+    def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``<g, m>`` and ``max_{x' in S(x)} <g, x' - m>`` for the centre ``m`` of ``S(x)``, each ``(B, m)``.
+
+        Every set here is symmetric about its centre, so ``min <+-g, x'> = +-<g, m> - support``:
+        one call serves an objective and its negation.
+        """
+
     def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``min_{x' in S(x)} <g, x'>`` for ``g: (B, m, *in_shape)``; returns ``(B, m)``."""
+        centre, support = self.centre_and_support(x, g)
+        return centre - support
 
     @abstractmethod
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +110,11 @@ class _CenteredBall(InputSet):
 
     q: float = math.inf
 
-    def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.validate(x)
         gf = g.flatten(2)
-        center = torch.einsum("bmn,bn->bm", gf, x.flatten(1))
-        return center - eps[:, None] * torch.linalg.vector_norm(gf, ord=self.q, dim=2)
+        centre = (gf @ x.flatten(1).unsqueeze(2)).squeeze(2)
+        return centre, eps[:, None] * torch.linalg.vector_norm(gf, ord=self.q, dim=2)
 
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = _batch_view(self.validate(x), x.dim())
@@ -182,12 +197,12 @@ class BoxedLinfBall(InputSet):
             )
         return lo, hi
 
-    def min_linear(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.box(x)
-        center = ((lo + hi) / 2).flatten(1)
-        radius = ((hi - lo) / 2).flatten(1)
+        centre = ((lo + hi) / 2).flatten(1).unsqueeze(2)
+        radius = ((hi - lo) / 2).flatten(1).unsqueeze(2)
         gf = g.flatten(2)
-        return torch.einsum("bmn,bn->bm", gf, center) - torch.einsum("bmn,bn->bm", gf.abs(), radius)
+        return (gf @ centre).squeeze(2), (gf.abs() @ radius).squeeze(2)
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         lo, hi = self.box(x)
