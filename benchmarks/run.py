@@ -57,6 +57,13 @@ class WorkerError(RuntimeError):
     pass
 
 
+MALLOC_TUNABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+"""glibc malloc settings for both workers.  With the defaults, a fresh process that has never freed
+a large block hands every freed buffer of a few MB back to the kernel and page-faults it in again
+on the next call (measured: 50,000 minor faults and 30% of polytope's time per B1 batch of 50);
+a process that loaded a dataset first does not.  Both sides get the same settings."""
+
+
 class Worker:
     """A ``worker.py`` subprocess spoken to by JSON lines."""
 
@@ -71,6 +78,7 @@ class Worker:
         else:  # the reference environment must not see the project
             paths = [p for p in paths if Path(p).resolve() != ROOT]
         env["PYTHONPATH"] = os.pathsep.join(paths)
+        env.update(MALLOC_TUNABLES)
         cmd = [python, str(HERE / "worker.py"), "--side", side, "--data", str(data), "--threads", str(threads)]
         cmd += ["--device", device]
         self.proc = subprocess.Popen(
@@ -750,7 +758,10 @@ def write_report(s: Suite, started: str, load_start: str, seconds: float) -> Non
         "- Each side is a long-lived worker subprocess (`benchmarks/worker.py`) that loads the same model "
         "state dict and image tensors from one temporary file; polytope runs in the project's environment, "
         "convex_adversarial in `benchmarks/.venv-ref`. Times are taken inside the worker around the "
-        "computation alone (`time.perf_counter`), after a 2-image warm-up.",
+        "computation alone (`time.perf_counter`), after a 2-image warm-up. Both workers run with the same "
+        "glibc malloc settings (" + ", ".join(f"`{k}={v}`" for k, v in MALLOC_TUNABLES.items()) + "): with "
+        "the defaults a fresh process returns freed buffers of a few MB to the kernel and page-faults them "
+        "in again on the next call, which a process that has loaded a dataset (any real user's) does not.",
         "- B1: both sides process the same batches, alternating which side goes first, then repeat the first "
         "batch; throughput is 1 / median(seconds per image). polytope: `pt.margin_bounds(net, x, y, "
         "pt.LinfBall(eps))` under `torch.no_grad()`; reference: `DualNetwork(model, x, eps)(c)` with "

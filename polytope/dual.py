@@ -42,10 +42,11 @@ from polytope.patches import (
     patch_backward,
     patch_box_terms,
     patch_rows,
+    position_major_index,
     prefix_pair_terms,
     transpose_rows,
 )
-from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.sets import BoxedLinfBall, InputSet, LinfBall, rows_dot
 
 Slopes = Literal["fixed", "adaptive", "optimized"]
 Order = Literal["auto", "forward", "backward", "patches"]
@@ -260,37 +261,41 @@ class DualNetwork:
         ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).
         """
         batch, m = c.shape[:2]
-        shared = batch > 1 and c.stride(0) == 0  # the same objectives for every example (c = I)
-        nu = -(c[:1] if shared else c)
+        # the same objectives for every example (c = I): W^T c once, not once per example
+        nu = -(c[:1] if batch > 1 and c.stride(0) == 0 else c)
         bias = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
         relu = torch.zeros_like(bias)
         relu_neg = torch.zeros_like(bias) if slopes is None else None
         for i in range(depth - 1, -1, -1):
-            if i == 1 and self._shortcut_applies:
-                w = -nu.expand(batch, *nu.shape[1:])
+            if i == 1 and self._shortcut_applies:  # c sits on the second convolution's output
+                w = -nu.expand(batch, *nu.shape[1:]).flatten(2).transpose(1, 2)
+                w = w.unflatten(1, self.shapes[2]).flatten(2, 3).transpose(1, 2)  # (B, L, C, m)
                 return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3)
             layer, in_shape = self.net.layers[i], self.shapes[i]
-            bias = bias + nu.flatten(2) @ self.biases[i].flatten()
+            bias = bias + rows_dot(nu.flatten(2), self.biases[i].flatten().expand(nu.shape[0], -1))
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
-            if shared:  # W^T of c once, not once per example
-                nu_hat, shared = nu_hat.expand(batch, *nu_hat.shape[1:]), False
             if i == 0:
-                return DualTerms(nu_hat, bias, relu, relu_neg)
+                return DualTerms(nu_hat.expand(batch, *nu_hat.shape[1:]), bias, relu, relu_neg)
             r = self.relaxations[i - 1]
+            a = None if slopes is None else slopes[i - 1]
+            index, valid = r.unstable_index
+            lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+            if i == 2 and self._shortcut_applies:
+                # the shortcut takes w = -nu position-major: build it so
+                w = _scaled_position_major(nu_hat, r.upper_slope, a, batch)  # (B, L, C, m)
+                pm = position_major_index(index, self.shapes[2])
+                nu_u = -torch.gather(w.flatten(1, 2), 1, pm.unsqueeze(2).expand(-1, -1, m)).transpose(1, 2)
+                relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3)
             d = r.upper_slope.unsqueeze(1)
-            if slopes is None:
+            if a is None:
                 nu = d * nu_hat
             else:
-                a = slopes[i - 1]
                 a = a if a.dim() == nu_hat.dim() else a.unsqueeze(1)
                 nu = torch.where(nu_hat >= 0, d, a) * nu_hat
             # the ReLU term: l is 0 off the unstable set, so only its columns count
-            index, valid = r.unstable_index
-            nu_u = torch.gather(nu.flatten(2), 2, index.unsqueeze(1).expand(-1, m, -1))
-            lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
-            relu = relu + (lower * nu_u.clamp_min(0)).sum(2)
-            if relu_neg is not None:
-                relu_neg = relu_neg + (lower * (-nu_u).clamp_min(0)).sum(2)
+            nu_u = torch.gather(nu.flatten(2), 2, index.unsqueeze(1).expand(nu.shape[0], m, -1))
+            relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property
@@ -310,13 +315,16 @@ class DualNetwork:
     def _unstable_rows(self) -> torch.Tensor:
         """Rows of the second convolution's ``W^T`` at the first ReLU layer's unstable units."""
         conv1 = self.net.layers[1].ops[0]
-        return transpose_rows(conv1, self.shapes[1], self.shapes[2], self.relaxations[0].unstable_index[0])
+        index = self.relaxations[0].unstable_index[0]
+        return transpose_rows(conv1, self.shapes[1], self.shapes[2], index, position_major=True)
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
         slopes: list[torch.Tensor] | None, pairs: bool = False,
     ) -> DualTerms:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
+
+        ``w`` is position-major, ``(B, L, C, m)`` (see :func:`_scaled_position_major`).
 
         Everything but the ReLU term of the first layer is linear in ``nu``, so it is the
         ``w``-combination of the per-unit patch passes; the first layer's ReLU term needs
@@ -329,27 +337,30 @@ class DualNetwork:
         of ``w`` need the first half plus a sparse correction only.
         """
         terms = self._prefix_terms
-        flat = w.flatten(2)
-        bias = bias + (flat @ channel_major(terms.bias).unsqueeze(2)).squeeze(2)
+        batch, m = w.shape[0], w.shape[3]
+        out_hw = self.shapes[2][1:]
+        flat = w.reshape(batch, -1, m)  # (B, n_2, m), position-major
+        bias = bias + (terms.bias.reshape(batch, 1, -1) @ flat).squeeze(1)
         r = self.relaxations[0]
         index, valid = r.unstable_index
         conv0 = self.net.layers[0].ops[0]
-        rows_1 = self._unstable_rows  # (B, K, n_1)
+        rows_1 = self._unstable_rows  # (B, K, n_2)
         if pairs:
-            n = w.shape[1] // 2
+            n = m // 2
             unit, valid_1 = self.relaxations[1].unstable_index
-            rest = torch.gather(flat[:, :n] + flat[:, n:], 2, unit.unsqueeze(1).expand(-1, n, -1))
-            rest = rest * valid_1.unsqueeze(1)  # (B, n, K_1)
-            head = fold_patches(w[:, :n], terms, self.shapes[0]).flatten(2)
+            unit_pm = position_major_index(unit, self.shapes[2])
+            rest = torch.gather(flat[..., :n] + flat[..., n:], 1, unit_pm.unsqueeze(2).expand(-1, -1, n))
+            rest = rest * valid_1.unsqueeze(2)  # (B, K_1, n)
+            head = fold_patches(w[..., :n], terms, self.shapes[0], out_hw).flatten(2)
             rows = patch_rows(terms, self.shapes[2], self.shapes[0], unit)
-            nu_hat_1 = torch.cat([head, rest @ rows - head], 1).reshape(*w.shape[:2], *self.shapes[0])
-            head = flat[:, :n] @ rows_1.transpose(1, 2)
-            sub = torch.gather(rows_1, 2, unit.unsqueeze(1).expand(-1, rows_1.shape[1], -1))
-            nu_hat_0 = -torch.cat([head, rest @ sub.transpose(1, 2) - head], 1)
+            nu_hat_1 = torch.cat([head, rest.transpose(1, 2) @ rows - head], 1).reshape(batch, m, *self.shapes[0])
+            head = (rows_1 @ flat[..., :n]).transpose(1, 2)
+            sub = torch.gather(rows_1, 2, unit_pm.unsqueeze(1).expand(-1, rows_1.shape[1], -1))
+            nu_hat_0 = -torch.cat([head, (sub @ rest).transpose(1, 2) - head], 1)
         else:
-            nu_hat_1 = fold_patches(w, terms, self.shapes[0])
+            nu_hat_1 = fold_patches(w, terms, self.shapes[0], out_hw)
             # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
-            nu_hat_0 = -(flat @ rows_1.transpose(1, 2))
+            nu_hat_0 = -(rows_1 @ flat).transpose(1, 2)
         d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
         lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
         if slopes is None:
@@ -363,10 +374,8 @@ class DualNetwork:
             rows = kernel_rows(conv0, self.shapes[0], self.shapes[1], index)  # (B, K, n_in)
             nu_hat_1 = nu_hat_1 + (delta @ rows).reshape(nu_hat_1.shape)
             b_0 = self.biases[0].flatten()[index]  # (B, K)
-            bias = bias + (delta @ b_0.unsqueeze(2)).squeeze(2)
-        relu = relu + (lower * nu_0.clamp_min(0)).sum(2)
-        if relu_neg is not None:
-            relu_neg = relu_neg + (lower * (-nu_0).clamp_min(0)).sum(2)
+            bias = bias + rows_dot(delta, b_0)
+        relu, relu_neg = _relu_terms(lower, nu_0, relu, relu_neg)
         return DualTerms(nu_hat_1, bias, relu, relu_neg)
 
     def _value(self, terms: DualTerms) -> torch.Tensor:
@@ -533,6 +542,34 @@ class _ForwardState:
             lower = lower + (w * m.clamp(max=0)).sum(1)
             upper = upper + (w * m.clamp(min=0)).sum(1)
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+
+
+def _relu_terms(lower: torch.Tensor, nu: torch.Tensor, relu: torch.Tensor,
+                relu_neg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Add eq. (6)'s ``sum l [nu]_+`` (and ``sum l [-nu]_+`` for linear passes) over unstable units.
+
+    ``lower: (B, 1, K)`` is ``l`` on the unstable units (0 on padding), ``nu: (B, m, K)`` there.
+    """
+    relu = relu + (lower * nu.clamp_min(0)).sum(2)
+    if relu_neg is not None:
+        relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).sum(2)
+    return relu, relu_neg
+
+
+def _scaled_position_major(nu_hat: torch.Tensor, d: torch.Tensor, a: torch.Tensor | None,
+                           batch: int) -> torch.Tensor:
+    """``-nu`` of eq. (7)'s ReLU step ``nu = [nu_hat]_+ d - [nu_hat]_- a``, laid out ``(B, L, C, m)``.
+
+    ``nu_hat: (B or 1, m, C, H, W)``; ``a = None`` is linear (``alpha = d``), else ``(B, C, H, W)``
+    or per objective ``(B, m, C, H, W)``.  The sign goes on ``nu_hat``, which may be shared.
+    """
+    def pm(t: torch.Tensor) -> torch.Tensor:  # (., C, H, W) -> (., L, C, 1); (., m, C, H, W) -> (., L, C, m)
+        t = t.flatten(2).transpose(1, 2).unsqueeze(3) if t.dim() == 4 else t.flatten(3).permute(0, 3, 2, 1)
+        return t.contiguous()  # small (a shared nu_hat, slopes): the product then comes out contiguous
+
+    v = pm(nu_hat)
+    scale = pm(d) if a is None else torch.where(v >= 0, pm(d), pm(a))
+    return (scale * -v).expand(batch, *v.shape[1:])
 
 
 def unstable_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

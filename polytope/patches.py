@@ -228,7 +228,7 @@ class _CellPlan:
     for multiplying out the patch transpose in the generic pass (4x more on the MNIST model).
     """
 
-    matrices: torch.Tensor  # (cells^2, C_1 reach^2, C_0 s_0^2 C_2); rows by reversed a
+    matrices: torch.Tensor  # (cells^2, reach^2 C_1, C_0 s_0^2 C_2); rows (a'_y, a'_x, c), a' = reach - 1 - a
     field: PatchGeometry  # the second convolution's receptive field, widened by reach - 1 a side
     reach: int
     cells: int
@@ -268,8 +268,8 @@ class _CellPlan:
                 blk = torch.einsum("ocyx,cdrt->yxcdrto", w1, taps[:, :, ay, :, ax, :])  # cells q + a
                 row.append(F.pad(blk.unsqueeze(0), (0, 0) * 5 + (ax, reach - 1 - ax, ay, reach - 1 - ay)))
             blocks.append(torch.cat(row))
-        # (a_y, a_x, t_y, t_x, c, ...) -> (t_y, t_x, c, a'_y, a'_x, ...) with a' = reach - 1 - a
-        mats = torch.stack(blocks).flip(0, 1).permute(2, 3, 4, 0, 1, 5, 6, 7, 8)
+        # (a_y, a_x, t_y, t_x, c, ...) -> (t_y, t_x, a'_y, a'_x, c, ...) with a' = reach - 1 - a
+        mats = torch.stack(blocks).flip(0, 1).permute(2, 3, 0, 1, 4, 5, 6, 7, 8)
         mats = mats.reshape(cells * cells, c1 * reach * reach, c0 * s0 * s0 * c2)
         m1 = op1.module
         field = PatchGeometry(k2 + 2 * (reach - 1), m1.stride[0], m1.padding[0] + reach - 1)
@@ -278,9 +278,16 @@ class _CellPlan:
     def patches(self, d: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         """``nu_hat_1`` of every unit, ``(B, L, P, C_2)``, for the slopes ``d: (B, C_1, H_1, W_1)``."""
         b, (h_o, w_o), n, s = d.shape[0], out_hw, self.cells, self.stride
-        window = self.field.unfold(d, out_hw)  # (B, H, W, C_1, n + reach - 1, n + reach - 1)
-        x = window.unfold(4, self.reach, 1).unfold(5, self.reach, 1)  # (B, H, W, C_1, n, n, a', a')
-        x = x.permute(4, 5, 0, 1, 2, 3, 6, 7).reshape(n * n, b * h_o * w_o, -1)
+        # x[t, (b, h, w), (a', c)] = d[b, c, h s_1 + t + a'] (padded), read from a channels-last
+        # copy of d so that each (a'_x, c) run is contiguous
+        g, r = self.field, self.reach
+        pad_h = max(0, (h_o - 1) * g.stride + g.size - g.padding - d.shape[2])
+        pad_w = max(0, (w_o - 1) * g.stride + g.size - g.padding - d.shape[3])
+        last = F.pad(d, (g.padding, pad_w, g.padding, pad_h)).permute(0, 2, 3, 1).contiguous()
+        sb, sh, sw, _ = last.stride()
+        x = last.as_strided((n, n, b, h_o, w_o, r, r, d.shape[1]),
+                            (sh, sw, sb, g.stride * sh, g.stride * sw, sh, sw, 1))
+        x = x.reshape(n * n, b * h_o * w_o, -1)
         c0 = self.matrices.shape[2] // (s * s * self.channels)
         out = torch.bmm(x, self.matrices).view(n, n, b * h_o * w_o, c0, s, s, self.channels)
         out = out.permute(2, 3, 0, 4, 1, 5, 6).reshape(b * h_o * w_o, c0, n * s, n * s, self.channels)
@@ -378,12 +385,13 @@ def _taps(n_in: int, n_out: int, k: int, s: int, p: int) -> tuple[np.ndarray, np
 
 
 @lru_cache(maxsize=64)
-def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape,
+                     position_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For every input unit of ``op``, the output units and kernel taps that read it.
 
     Returns ``(out_index, weight_index)``, each ``(n_in, R)`` with ``R`` the most readers of one
     input unit; ``weight_index`` is the number of weights (one past the last) where a slot is
-    unused, and its ``out_index`` is 0.
+    unused, and its ``out_index`` is 0.  ``position_major``: output units in ``(H, W, C)`` order.
     """
     m = op.module
     c_in, h_in, w_in = in_shape
@@ -400,6 +408,8 @@ def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[t
     full = (c_in, h_in, w_in, c_out, oh.shape[1], ow.shape[1])
     n_in = c_in * h_in * w_in
     out = np.where(valid, out, 0)
+    if position_major:
+        out = (out % (h_out * w_out)) * c_out + out // (h_out * w_out)
     widx = np.where(valid, widx, m.weight.numel())
     return (torch.from_numpy(np.broadcast_to(out, full).reshape(n_in, -1).copy()),
             torch.from_numpy(np.broadcast_to(widx, full).reshape(n_in, -1).copy()))
@@ -442,13 +452,21 @@ def _scatter_rows(op: Conv2dOp, index: tuple[torch.Tensor, torch.Tensor], units:
     return vals.new_zeros(*units.shape, width).scatter_add(2, cols, vals)
 
 
-def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
+def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor,
+                   position_major: bool = False) -> torch.Tensor:
     """Rows of ``W^T`` at selected input units, ``(B, K, n_out)`` for ``units: (B, K)``.
 
     ``(W^T nu)`` at those units is then one batched product ``nu @ rows^T``: each row has at
     most ``C_out ceil(k/s)^2`` nonzeros, and ``K`` is small (the unstable units of a layer).
+    ``position_major``: the columns in ``(H, W, C)`` order instead of the layer's ``(C, H, W)``.
     """
-    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape), units, numel(out_shape))
+    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape, position_major), units, numel(out_shape))
+
+
+def position_major_index(units: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Flat unit indices of a ``(C, H, W)`` layer, in ``(H, W, C)`` order."""
+    positions = shape[1] * shape[2]
+    return (units % positions) * shape[0] + units // positions
 
 
 def kernel_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
@@ -497,16 +515,14 @@ def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torc
     return vals.new_zeros(*units.shape, numel(in_shape)).scatter_add(2, index, vals)
 
 
-def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape) -> torch.Tensor:
-    """``sum_u w_u nu_hat_1(u)``: combine the units' input patches, ``w: (B, m, C, H, W)``.
+def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``sum_u w_u nu_hat_1(u)``: combine the units' input patches, ``w: (B, L, C, m)`` position-major.
 
     Per output position a ``(patch x C) @ (C x m)`` product, then the patches are added into
     the input image, in chunks of :data:`CHUNK` examples.  Returns ``(B, m, *in_shape)``.
     """
     batch = w.shape[0]
-    coef = w.flatten(3).permute(0, 3, 2, 1)  # (B, L, C, m)
-    out_hw = (w.shape[3], w.shape[4])
-    parts = [_fold_chunk(coef[s:s + CHUNK], terms.nu_hat_1[s:s + CHUNK], terms.geometry, in_shape, out_hw)
+    parts = [_fold_chunk(w[s:s + CHUNK], terms.nu_hat_1[s:s + CHUNK], terms.geometry, in_shape, out_hw)
              for s in range(0, max(batch, 1), CHUNK)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, n_in, m)
     return out.transpose(1, 2).unflatten(2, in_shape)

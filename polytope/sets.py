@@ -22,6 +22,24 @@ def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
+def rows_dot(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``<g_j, v>`` for every row of ``g: (B, m, n)`` and ``v: (B, n)``, as ``(B, m)``.
+
+    Written as ``v^T g^T`` (one row times a matrix): several times faster on the CPU than the
+    matrix-vector form whatever ``g``'s memory layout.
+    """
+    return (v.unsqueeze(1) @ g.transpose(1, 2)).squeeze(1)
+
+
+def dual_norm(g: torch.Tensor, q: float) -> torch.Tensor:
+    """``||g_j||_q`` of every row of ``g: (B, m, n)``."""
+    if q == 1:
+        return g.abs().sum(2)
+    if q == math.inf:
+        return g.abs().amax(2)
+    return torch.linalg.vector_norm(g, ord=q, dim=2)
+
+
 def check_finite(x: torch.Tensor, name: str = "x") -> None:
     """Raise :class:`InvalidInputError` if ``x`` holds NaN or inf."""
     if not torch.isfinite(x).all():
@@ -113,8 +131,7 @@ class _CenteredBall(InputSet):
     def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.validate(x)
         gf = g.flatten(2)
-        centre = (gf @ x.flatten(1).unsqueeze(2)).squeeze(2)
-        return centre, eps[:, None] * torch.linalg.vector_norm(gf, ord=self.q, dim=2)
+        return rows_dot(gf, x.flatten(1)), eps[:, None] * dual_norm(gf, self.q)
 
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = _batch_view(self.validate(x), x.dim())
@@ -199,10 +216,8 @@ class BoxedLinfBall(InputSet):
 
     def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.box(x)
-        centre = ((lo + hi) / 2).flatten(1).unsqueeze(2)
-        radius = ((hi - lo) / 2).flatten(1).unsqueeze(2)
         gf = g.flatten(2)
-        return (gf @ centre).squeeze(2), (gf.abs() @ radius).squeeze(2)
+        return rows_dot(gf, ((lo + hi) / 2).flatten(1)), rows_dot(gf.abs(), ((hi - lo) / 2).flatten(1))
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         lo, hi = self.box(x)

@@ -87,7 +87,7 @@ def test_fold_equals_summing_dense_rows(data, m, batch):
     d = torch.rand(shape1, generator=gen, dtype=DTYPE)
     terms = patch_backward(ops, out_shape, [d], [torch.zeros_like(d)], None, 1.0)
     w = torch.randn(batch, m, *out_shape, generator=gen, dtype=DTYPE)
-    folded = fold_patches(w, terms, in_shape)
+    folded = fold_patches(w.flatten(3).permute(0, 3, 2, 1), terms, in_shape, out_shape[1:])
     assert folded.shape == (batch, m, *in_shape)
     expected = w.flatten(2) @ _placed(terms, in_shape, out_shape)
     torch.testing.assert_close(folded.flatten(2), expected, atol=1e-11, rtol=1e-11)
