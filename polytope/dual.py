@@ -185,6 +185,7 @@ class DualNetwork:
         self.biases = [layer.bias(s, x) for layer, s in zip(net.layers, self.shapes[:-1], strict=True)]
         self.relaxations: list[Relaxation] = []
         self.orders: list[str] = []
+        self._tail: _LinearTail | None = None
         self._compute_bounds(order)
 
     # -- public ---------------------------------------------------------------------------
@@ -254,11 +255,14 @@ class DualNetwork:
         return out
 
     def _backward(
-        self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None, pairs: bool = False
+        self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None, pairs: bool = False,
+        record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DualTerms:
         """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear.
 
-        ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).
+        ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).  ``record`` collects
+        ``(l, nu)`` on each ReLU layer's unstable units (for :class:`_LinearTail`).  A linear pass
+        that reaches the layer of the recorded tail finishes through it.
         """
         batch, m = c.shape[:2]
         # the same objectives for every example (c = I): W^T c once, not once per example
@@ -267,10 +271,13 @@ class DualNetwork:
         relu = torch.zeros_like(bias)
         relu_neg = torch.zeros_like(bias) if slopes is None else None
         for i in range(depth - 1, -1, -1):
+            tail = self._tail
+            if slopes is None and tail is not None and tail.depth == i + 1:
+                return tail.finish(nu, bias, relu, relu_neg)
             if i == 1 and self._shortcut_applies:  # c sits on the second convolution's output
                 w = -nu.expand(batch, *nu.shape[1:]).flatten(2).transpose(1, 2)
                 w = w.unflatten(1, self.shapes[2]).flatten(2, 3).transpose(1, 2)  # (B, L, C, m)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3, record)
             layer, in_shape = self.net.layers[i], self.shapes[i]
             bias = bias + rows_dot(nu.flatten(2), self.biases[i].flatten().expand(nu.shape[0], -1))
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
@@ -285,8 +292,8 @@ class DualNetwork:
                 w = _scaled_position_major(nu_hat, r.upper_slope, a, batch)  # (B, L, C, m)
                 pm = position_major_index(index, self.shapes[2])
                 nu_u = -torch.gather(w.flatten(1, 2), 1, pm.unsqueeze(2).expand(-1, -1, m)).transpose(1, 2)
-                relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3)
+                relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3, record)
             d = r.upper_slope.unsqueeze(1)
             if a is None:
                 nu = d * nu_hat
@@ -295,7 +302,7 @@ class DualNetwork:
                 nu = torch.where(nu_hat >= 0, d, a) * nu_hat
             # the ReLU term: l is 0 off the unstable set, so only its columns count
             nu_u = torch.gather(nu.flatten(2), 2, index.unsqueeze(1).expand(nu.shape[0], m, -1))
-            relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg)
+            relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property
@@ -321,6 +328,7 @@ class DualNetwork:
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
         slopes: list[torch.Tensor] | None, pairs: bool = False,
+        record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DualTerms:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
 
@@ -375,7 +383,7 @@ class DualNetwork:
             nu_hat_1 = nu_hat_1 + (delta @ rows).reshape(nu_hat_1.shape)
             b_0 = self.biases[0].flatten()[index]  # (B, K)
             bias = bias + rows_dot(delta, b_0)
-        relu, relu_neg = _relu_terms(lower, nu_0, relu, relu_neg)
+        relu, relu_neg = _relu_terms(lower, nu_0, relu, relu_neg, record)
         return DualTerms(nu_hat_1, bias, relu, relu_neg)
 
     def _value(self, terms: DualTerms) -> torch.Tensor:
@@ -418,7 +426,11 @@ class DualNetwork:
         n, batch = numel(shape), self.x.shape[0]
         eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device).reshape(n, *shape)
         if self.slopes == "fixed":
-            lower, neg_upper = self._value_pair(self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None))
+            record: list[tuple[torch.Tensor, torch.Tensor]] = []
+            terms = self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None, record=record)
+            if i == len(self.net.layers) - 2:  # the objective's pass will run through the same layers
+                self._tail = _LinearTail(i + 1, terms, record)
+            lower, neg_upper = self._value_pair(terms)
             upper = -neg_upper
         else:
             c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
@@ -544,12 +556,43 @@ class _ForwardState:
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
 
-def _relu_terms(lower: torch.Tensor, nu: torch.Tensor, relu: torch.Tensor,
-                relu_neg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True, eq=False)
+class _LinearTail:
+    """The fixed-slope dual from the output of layer ``depth - 1`` down to the input, over that layer's units.
+
+    With ``alpha = d`` everything in eq. (6) but the ReLU terms is linear in ``nu`` there, and so
+    is each ReLU layer's ``nu`` before ``[.]_+``.  ``terms`` and ``relus`` were recorded by the
+    bound pass that started from ``nu = -I`` (Algorithm 1's bounds on that layer), so any later
+    objective's pass finishes with products by them instead of a second pass through the layers
+    below (the ReLU terms are recomputed from its own ``nu``).
+    """
+
+    depth: int
+    terms: DualTerms
+    relus: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def finish(self, nu: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor,
+               relu_neg: torch.Tensor | None) -> DualTerms:
+        """:class:`DualTerms` of the whole pass, given ``nu: (B or 1, m, *shape)`` at the tail's top."""
+        v = -nu.flatten(2)  # the recorded pass is F(-I): F(nu) = (-nu) F(-I)
+        bias = bias + rows_dot(v.expand(bias.shape[0], -1, -1), self.terms.bias)
+        nu_hat_1 = v @ self.terms.nu_hat_1.flatten(2)
+        for lower, pre in self.relus:
+            relu, relu_neg = _relu_terms(lower, v @ pre, relu, relu_neg)
+        return DualTerms(nu_hat_1.unflatten(2, self.terms.nu_hat_1.shape[2:]), bias, relu, relu_neg)
+
+
+def _relu_terms(
+    lower: torch.Tensor, nu: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
+    record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Add eq. (6)'s ``sum l [nu]_+`` (and ``sum l [-nu]_+`` for linear passes) over unstable units.
 
-    ``lower: (B, 1, K)`` is ``l`` on the unstable units (0 on padding), ``nu: (B, m, K)`` there.
+    ``lower: (B, 1, K)`` is ``l`` on the unstable units (0 on padding), ``nu: (B, m, K)`` there;
+    ``record`` (if given) keeps both.
     """
+    if record is not None:
+        record.append((lower, nu))
     relu = relu + (lower * nu.clamp_min(0)).sum(2)
     if relu_neg is not None:
         relu_neg = relu_neg + (lower * (-nu).clamp_min(0)).sum(2)
