@@ -235,6 +235,28 @@ def describe_failure(exc: Exception) -> str:
     return text
 
 
+def row_b1_best(s: Suite) -> list[Row]:
+    """The issue's B1 figure: each side at its own best batch size (from the B1 rows above)."""
+    best = {}
+    for side in ("polytope", "reference"):
+        rates = {bs: 1.0 / med[side] for bs, med in s.b1.items() if side in med}
+        if not rates:
+            raise WorkerError(f"no B1 timing for {side}")
+        best[side] = max(rates.items(), key=lambda kv: kv[1])
+    speedup = best["polytope"][1] / best["reference"][1]
+    s.metric("B1-best", "speedup", "polytope/reference", speedup, "x")
+    row = Row(
+        "B1 best",
+        "certify, each side at its own best batch size (images/s)",
+        f"{fmt(best['polytope'][1])} (batch {best['polytope'][0]})",
+        f"{fmt(best['reference'][1])} (batch {best['reference'][0]})",
+    )
+    row.ratio = f"{speedup:.2f}x"
+    row.target = f">= {TARGETS['B1']:g}x: {'met' if speedup >= TARGETS['B1'] else 'NOT met'}"
+    row.notes = "from the B1 rows' medians; the issue compares each side at its own best batch size"
+    return [row]
+
+
 def row_b1(s: Suite, bs: int, memory: bool = False) -> list[Row]:
     """Certification throughput at batch ``bs``: both sides on the same batches, alternating.
 
@@ -325,7 +347,6 @@ def row_b1(s: Suite, bs: int, memory: bool = False) -> list[Row]:
         s.metric(f"B1-bs{bs}", "cpu_time_speedup", "polytope/reference", cpu_speedup, "x")
         s.metric(f"B1-bs{bs}", "max_abs_dJ", "both", diff, "")
         row.ratio = f"{speedup:.2f}x"
-        row.target = f">= {TARGETS['B1']:g}x: {'met' if speedup >= TARGETS['B1'] else 'NOT met'}"
         row.check = (
             f"{'ok' if ok else 'MISMATCH'}: certified sets {'identical' if same else 'DIFFER'} "
             f"({n_cert['polytope']}/{n} vs {n_cert['reference']}/{n}), max|dJ| = {diff:.1e}"
@@ -911,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                         lambda bs=bs, i=i: row_b1(s, bs, memory=(i == 0 and "B5" in wanted)),
                         f"certify, batch {bs}",
                     )
+                if len(sizes) > 1:
+                    run("B1 best", lambda: row_b1_best(s), "best batch size per side")
             if "B6" in wanted:
                 run("B6", lambda: row_b6(s), "arithmetic rate")
             if "P" in wanted:

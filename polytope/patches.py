@@ -6,6 +6,17 @@ earlier layer is nonzero only on the unit's receptive field: a ``(C, K, K)`` pat
 top-left corner sits at ``(h * S - P, w * S - P)`` for the composite stride ``S`` and padding
 ``P``.  Carrying these patches instead of full-size identity columns cuts the arithmetic of
 Algorithm 1 on the paper's MNIST model by an order of magnitude, with the same numbers.
+
+Layout and kernels (each chosen by measurement on a 2-core CPU, see ``benchmarks/``):
+
+* patches are position-major, ``(B, L, P, C)``: per output position a ``(patch x channel)``
+  matrix, which is what both consumers multiply;
+* through two convolutions with ``alpha = d`` the patches come from :class:`_CellPlan`, one
+  GEMM per ``s_0 x s_0`` cell of the patch over the slopes under it (4x fewer multiply-adds
+  than expanding the patch transpose, on MNIST);
+* :func:`fold_patches` (``sum_u w_u nu_hat_1(u)``) is a batched GEMM per position followed by
+  ``ceil(K / S)^2`` shifted adds of stride-sized tiles, with the objectives innermost;
+* everything runs in chunks of :data:`CHUNK` examples so that the working set stays in cache.
 """
 
 from __future__ import annotations
