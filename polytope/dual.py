@@ -277,7 +277,7 @@ class DualNetwork:
             if i == 1 and self._shortcut_applies:  # c sits on the second convolution's output
                 w = -nu.expand(batch, *nu.shape[1:]).flatten(2).transpose(1, 2)
                 w = w.unflatten(1, self.shapes[2]).flatten(2, 3).transpose(1, 2)  # (B, L, C, m)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3, record)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, None, record)
             layer, in_shape = self.net.layers[i], self.shapes[i]
             bias = bias + rows_dot(nu.flatten(2), self.biases[i].flatten().expand(nu.shape[0], -1))
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
@@ -287,13 +287,24 @@ class DualNetwork:
             a = None if slopes is None else slopes[i - 1]
             index, valid = r.unstable_index
             lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+            if i == 2 and self._shortcut_applies and pairs and depth == 3 and a is not None:
+                # c = (c', -c'): w for c' only, and w(c') + w(-c') = (a - d)|v| on the unstable set
+                n = m // 2
+                w = _scaled_position_major(nu_hat[:, :n], r, a, batch)  # (B, L, C, n)
+                v = nu_hat[:, :n].flatten(2).expand(batch, -1, -1)
+                v = torch.gather(v, 2, index.unsqueeze(1).expand(-1, n, -1))
+                d_u, a_u = (torch.gather(t.flatten(1), 1, index).unsqueeze(1) for t in (r.upper_slope, a))
+                nu_u = torch.cat([torch.where(v >= 0, d_u, a_u) * v, -torch.where(v <= 0, d_u, a_u) * v], 1)
+                relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
+                rest = ((a_u - d_u) * v.abs() * valid.unsqueeze(1)).transpose(1, 2)  # (B, K_1, n)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, rest, record)
             if i == 2 and self._shortcut_applies:
                 # the shortcut takes w = -nu position-major: build it so
-                w = _scaled_position_major(nu_hat, r.upper_slope, a, batch)  # (B, L, C, m)
+                w = _scaled_position_major(nu_hat, r, a, batch)  # (B, L, C, m)
                 pm = position_major_index(index, self.shapes[2])
                 nu_u = -torch.gather(w.flatten(1, 2), 1, pm.unsqueeze(2).expand(-1, -1, m)).transpose(1, 2)
                 relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, pairs and depth == 3, record)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, None, record)
             d = r.upper_slope.unsqueeze(1)
             if a is None:
                 nu = d * nu_hat
@@ -327,7 +338,7 @@ class DualNetwork:
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
-        slopes: list[torch.Tensor] | None, pairs: bool = False,
+        slopes: list[torch.Tensor] | None, rest: torch.Tensor | None = None,
         record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DualTerms:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
@@ -339,33 +350,35 @@ class DualNetwork:
         ``nu`` on its unstable units only (:func:`transpose_rows`).  Slopes other than ``d``
         there add a sparse correction to ``nu_hat_1`` and the bias term.
 
-        ``pairs``: the objectives are ``(c, -c)`` and only the second ReLU layer's slopes stand
-        between them and ``w``; with ``v`` its ``nu_hat`` for ``c``, eq. (7) gives
-        ``w(c) + w(-c) = (a - d) |v|``, zero off that layer's unstable set, so the linear maps
-        of ``w`` need the first half plus a sparse correction only.
+        ``rest``: the objectives are ``(c, -c)`` and only the second ReLU layer's slopes stand
+        between them and ``w``, which holds the first half only; with ``v`` its ``nu_hat`` for
+        ``c``, eq. (7) gives ``rest = w(c) + w(-c) = (a - d) |v|``, zero off that layer's unstable
+        set (``(B, K_1, n)`` on it), so the linear maps need the first half plus a sparse part.
         """
         terms = self._prefix_terms
-        batch, m = w.shape[0], w.shape[3]
+        batch, n = w.shape[0], w.shape[3]
         out_hw = self.shapes[2][1:]
-        flat = w.reshape(batch, -1, m)  # (B, n_2, m), position-major
-        bias = bias + (terms.bias.reshape(batch, 1, -1) @ flat).squeeze(1)
+        flat = w.reshape(batch, -1, n)  # (B, n_2, n), position-major
+        bias_2 = terms.bias.reshape(batch, -1)
+        head = (bias_2.unsqueeze(1) @ flat).squeeze(1)
         r = self.relaxations[0]
         index, valid = r.unstable_index
         conv0 = self.net.layers[0].ops[0]
         rows_1 = self._unstable_rows  # (B, K, n_2)
-        if pairs:
-            n = m // 2
-            unit, valid_1 = self.relaxations[1].unstable_index
+        if rest is not None:
+            m = 2 * n
+            unit = self.relaxations[1].unstable_index[0]
             unit_pm = position_major_index(unit, self.shapes[2])
-            rest = torch.gather(flat[..., :n] + flat[..., n:], 1, unit_pm.unsqueeze(2).expand(-1, -1, n))
-            rest = rest * valid_1.unsqueeze(2)  # (B, K_1, n)
-            head = fold_patches(w[..., :n], terms, self.shapes[0], out_hw).flatten(2)
+            on_unit = (torch.gather(bias_2, 1, unit_pm).unsqueeze(1) @ rest).squeeze(1)
+            bias = bias + torch.cat([head, on_unit - head], 1)
+            head = fold_patches(w, terms, self.shapes[0], out_hw).flatten(2)
             rows = patch_rows(terms, self.shapes[2], self.shapes[0], unit)
             nu_hat_1 = torch.cat([head, rest.transpose(1, 2) @ rows - head], 1).reshape(batch, m, *self.shapes[0])
-            head = (rows_1 @ flat[..., :n]).transpose(1, 2)
+            head = (rows_1 @ flat).transpose(1, 2)
             sub = torch.gather(rows_1, 2, unit_pm.unsqueeze(1).expand(-1, rows_1.shape[1], -1))
             nu_hat_0 = -torch.cat([head, (sub @ rest).transpose(1, 2) - head], 1)
         else:
+            bias = bias + head
             nu_hat_1 = fold_patches(w, terms, self.shapes[0], out_hw)
             # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
             nu_hat_0 = -(rows_1 @ flat).transpose(1, 2)
@@ -599,20 +612,32 @@ def _relu_terms(
     return relu, relu_neg
 
 
-def _scaled_position_major(nu_hat: torch.Tensor, d: torch.Tensor, a: torch.Tensor | None,
-                           batch: int) -> torch.Tensor:
+def _scaled_position_major(nu_hat: torch.Tensor, r: Relaxation, a: torch.Tensor | None, batch: int) -> torch.Tensor:
     """``-nu`` of eq. (7)'s ReLU step ``nu = [nu_hat]_+ d - [nu_hat]_- a``, laid out ``(B, L, C, m)``.
 
-    ``nu_hat: (B or 1, m, C, H, W)``; ``a = None`` is linear (``alpha = d``), else ``(B, C, H, W)``
-    or per objective ``(B, m, C, H, W)``.  The sign goes on ``nu_hat``, which may be shared.
+    ``nu_hat: (B or 1, m, C, H, W)`` (the sign goes on it, which may be shared); ``a = None`` is
+    linear (``alpha = d``), else ``(B, C, H, W)`` or per objective ``(B, m, C, H, W)``.  Per-unit
+    ``a`` differs from ``d`` on the unstable set only: ``nu = d nu_hat + (a - d) min(nu_hat, 0)``
+    there, added to the linear product at those units.
     """
     def pm(t: torch.Tensor) -> torch.Tensor:  # (., C, H, W) -> (., L, C, 1); (., m, C, H, W) -> (., L, C, m)
         t = t.flatten(2).transpose(1, 2).unsqueeze(3) if t.dim() == 4 else t.flatten(3).permute(0, 3, 2, 1)
         return t.contiguous()  # small (a shared nu_hat, slopes): the product then comes out contiguous
 
     v = pm(nu_hat)
-    scale = pm(d) if a is None else torch.where(v >= 0, pm(d), pm(a))
-    return (scale * -v).expand(batch, *v.shape[1:])
+    if a is not None and a.dim() == nu_hat.dim():  # per-objective slopes
+        return (torch.where(v >= 0, pm(r.upper_slope), pm(a)) * -v).expand(batch, *v.shape[1:])
+    w = (pm(r.upper_slope) * -v).expand(batch, *v.shape[1:])
+    if a is None:
+        return w
+    index, valid = r.unstable_index
+    m, shape = v.shape[3], tuple(r.lower.shape[1:])
+    at = position_major_index(index, shape).unsqueeze(2).expand(-1, -1, m)  # (B, K, m)
+    v_u = torch.gather(v.flatten(1, 2).expand(batch, -1, -1), 1, at)
+    d_u, a_u = (torch.gather(t.flatten(1), 1, index).unsqueeze(2) for t in (r.upper_slope, a))
+    corr = (d_u - a_u) * v_u.clamp_max(0) * valid.unsqueeze(2)
+    w.view(batch, -1, m).scatter_add_(1, at, corr)  # w is a fresh product (its inputs carry the gradient)
+    return w
 
 
 def unstable_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,10 @@ Layout and kernels (each chosen by measurement on a 2-core CPU, see ``benchmarks
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +59,8 @@ class PatchGeometry:
         cols = t.unfold(2, self.size, self.stride).unfold(3, self.size, self.stride)[:, :, :h_o, :w_o]
         return cols.permute(0, 2, 3, 1, 4, 5)
 
+
+T = TypeVar("T")
 
 CHUNK = 8
 """Examples per chunk in the patch computations: one chunk's patches and products stay in cache."""
@@ -220,8 +223,27 @@ def _patch_backward_chunk(
     return PatchTerms(nu_hat.reshape(batch, h_o * w_o, c_out, -1).transpose(2, 3), geometry, bias, relu, relu_neg)
 
 
-_CELL_PLANS: weakref.WeakKeyDictionary[Conv2dOp, list] = weakref.WeakKeyDictionary()
-"""Recent :class:`_CellPlan` per second convolution, with the weights (and versions) they came from."""
+_DERIVED: weakref.WeakKeyDictionary[Conv2dOp, list] = weakref.WeakKeyDictionary()
+"""Recent weight-derived constants per convolution, with the weights (and versions) they came from."""
+
+
+def weight_derived(owner: Conv2dOp, tag: tuple, weights: tuple[torch.Tensor, ...], build: Callable[[], T]) -> T:
+    """``build()``, reused while ``weights`` are the same, unchanged tensors and autograd does not track them.
+
+    For constants such as :class:`_CellPlan`'s matrices that cost more to build than to use on
+    a small batch.  An in-place update (``_version``), a new storage or dtype, or another tensor
+    object all rebuild; under autograd the constant is always rebuilt so gradients reach the weights.
+    """
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return build()
+    state = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
+    entries = _DERIVED.setdefault(owner, [])
+    for k_tag, k_weights, k_state, value in entries:
+        if k_tag == tag and k_state == state and all(a is b for a, b in zip(k_weights, weights, strict=True)):
+            return value
+    value = build()
+    entries[:] = [*entries[-7:], (tag, weights, state, value)]
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,18 +271,9 @@ class _CellPlan:
 
     @classmethod
     def for_ops(cls, op0: Conv2dOp, op1: Conv2dOp, sign: float) -> _CellPlan:
-        """:meth:`build`, reused while both weights are unchanged and autograd does not track them."""
-        w0, w1 = op0.module.weight, op1.module.weight
-        if torch.is_grad_enabled() and (w0.requires_grad or w1.requires_grad):
-            return cls.build(op0, op1, sign)
-        state = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in (w0, w1))
-        entries = _CELL_PLANS.setdefault(op1, [])
-        for k0, k_sign, kw0, kw1, k_state, plan in entries:
-            if k0 is op0 and k_sign == sign and kw0 is w0 and kw1 is w1 and k_state == state:
-                return plan
-        plan = cls.build(op0, op1, sign)
-        entries[:] = [*entries[-3:], (op0, sign, w0, w1, state, plan)]
-        return plan
+        """:meth:`build`, reused while both weights are unchanged (:func:`weight_derived`)."""
+        weights = (op0.module.weight, op1.module.weight)
+        return weight_derived(op1, ("cells", op0, sign), weights, lambda: cls.build(op0, op1, sign))
 
     @classmethod
     def build(cls, op0: Conv2dOp, op1: Conv2dOp, sign: float) -> _CellPlan:
@@ -365,15 +378,16 @@ def prefix_pair_terms(
 
     mask = unfold(relax_unstable.to(weight.dtype))
     kp = int(mask.sum(2).max()) if mask.numel() else 0
-    taps = torch.argsort(-mask, dim=2, stable=True)[:, :, :kp]  # the unstable taps first: (B, L, kp)
+    taps = torch.topk(mask, kp, dim=2, sorted=False).indices  # every unstable tap, padded: (B, L, kp)
     diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
-    transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
-    rows = transpose[taps] * diff.unsqueeze(3)  # (B, L, kp, P)
-    w = weight.flatten(1)
-    parts = torch.cat([w.clamp_min(0), w.clamp_max(0)])[:, taps].permute(1, 2, 0, 3)  # (B, L, 2 C, kp)
-    corr = rows.transpose(2, 3) @ parts.transpose(2, 3)  # (B, L, P, 2 C)
+    transpose = weight_derived(op0, ("transpose", tuple(weight.shape[1:])), (op0.module.weight,),
+                               lambda: _patch_transpose_matrix(op0, tuple(weight.shape[1:])))  # (C_0 k k, P)
+    rows = (transpose[taps] * diff.unsqueeze(3)).transpose(2, 3)  # (B, L, P, kp)
+    w = weight.flatten(1).T  # (C_0 k k, C)
     out = []
-    for sign, nu_hat_1 in ((1.0, linear.nu_hat_1 - corr[..., :c_out]), (-1.0, corr[..., c_out:] - linear.nu_hat_1)):
+    for sign, part in ((1.0, w.clamp_min(0)), (-1.0, w.clamp_max(0))):
+        corr = rows @ part[taps]  # (B, L, P, C)
+        nu_hat_1 = linear.nu_hat_1 - corr if sign > 0 else corr - linear.nu_hat_1
         kernel = -sign * weight
         relu, _, first = _first_relu_terms(op1, kernel, upper_slope, lower_unstable, lower_slope,
                                            _channel_bias(op0, weight))
