@@ -188,6 +188,13 @@ class AffineLayer:
 
     def bias(self, in_shape: Shape, like: torch.Tensor) -> torch.Tensor:
         """The offset ``b_i = W_i 0 + b_i`` of the composed layer, shaped ``(*out_shape)``."""
+        if len(self.ops) == 1 and isinstance(self.ops[0], LinearOp | Conv2dOp):  # the module's own bias
+            op = self.ops[0]
+            out_shape = op.out_shape(in_shape)
+            b = op.module.bias
+            if b is None:
+                return torch.zeros(out_shape, dtype=like.dtype, device=like.device)
+            return b.to(like.dtype).reshape(-1, *([1] * (len(out_shape) - 1))).expand(out_shape)
         zero = torch.zeros((1, *in_shape), dtype=like.dtype, device=like.device)
         return self.forward(zero)[0]
 
