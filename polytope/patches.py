@@ -232,9 +232,10 @@ def weight_derived(owner: Conv2dOp, tag: tuple, weights: tuple[torch.Tensor, ...
 
     For constants such as :class:`_CellPlan`'s matrices that cost more to build than to use on
     a small batch.  An in-place update (``_version``), a new storage or dtype, or another tensor
-    object all rebuild; under autograd the constant is always rebuilt so gradients reach the weights.
+    object all rebuild; under autograd the constant is always rebuilt so gradients reach the weights,
+    and under ``torch.inference_mode`` it is not kept (an inference tensor cannot enter a later graph).
     """
-    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+    if torch.is_inference_mode_enabled() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
         return build()
     state = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
     entries = _DERIVED.setdefault(owner, [])

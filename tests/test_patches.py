@@ -108,3 +108,21 @@ def test_cached_cell_plans_follow_in_place_weight_changes():
         plain = pt.DualNetwork(net, x, pt.LinfBall(0.2), order="backward").objective(c)
     torch.testing.assert_close(after, plain, atol=1e-12, rtol=1e-12)
     assert not torch.allclose(before, after)
+
+
+def test_cached_constants_from_inference_mode_do_not_break_autograd():
+    """Constants built under ``torch.inference_mode`` are not cached: a later pass that needs
+    gradients (here with respect to the input, frozen weights) must still work."""
+    gen = torch.Generator().manual_seed(5)
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1), nn.ReLU(), nn.Conv2d(2, 3, 3, 2, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).to(DTYPE).requires_grad_(False)
+    net = pt.Network.from_torch(seq)
+    x = torch.rand(2, 1, 8, 8, generator=gen, dtype=DTYPE)
+    c = torch.randn(2, 2, 2, generator=gen, dtype=DTYPE)
+    with torch.inference_mode():
+        frozen = pt.DualNetwork(net, x, pt.LinfBall(0.2)).objective(c)
+    x = x.clone().requires_grad_(True)
+    j = pt.DualNetwork(net, x, pt.LinfBall(0.2)).objective(c)
+    (grad,) = torch.autograd.grad(j.sum(), x)
+    torch.testing.assert_close(j.detach(), frozen, atol=1e-12, rtol=1e-12)
+    assert torch.isfinite(grad).all()
