@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 from torch import nn
@@ -346,11 +346,19 @@ def _check_alpha_closes_gap(problem, kind: str, steps: int) -> None:
         assert v - j <= 1e-4 * max(1.0, abs(v)), (v, j)
 
 
+def _drawn_fc_problem(seed: int, dims: list[int], eps: float):
+    """The ``fc_problems`` draw with this seed, dims and eps (for pinning a drawn case as an example)."""
+    x = torch.randn(1, dims[0], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return _fc(seed, dims), x, eps, seed
+
+
 @settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=fc_problems(hidden_layers=(1, 2)), kind=st.sampled_from(["linf", "linf-box"]))
+@example(problem=_drawn_fc_problem(6372, [4, 4, 5, 2], 0.484375), kind="linf-box")
 def test_optimized_alpha_reaches_the_lp(problem, kind):
-    # 200 steps left a 1.1e-4 gap on one drawn net (dims 2-5-2, seed 2469, eps 0.5, boxed); 400 close it
-    _check_alpha_closes_gap(problem, kind, steps=400)
+    # Projected gradient ascent closes the gap at its own pace: 200 steps left 1.1e-4 on one drawn
+    # net (dims 2-5-2, seed 2469, eps 0.5, boxed), 400 left 1.3e-4 on the pinned one, 600 close both
+    _check_alpha_closes_gap(problem, kind, steps=800)
 
 
 @settings(deadline=None, max_examples=3, suppress_health_check=[HealthCheck.too_slow])
