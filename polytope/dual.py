@@ -334,7 +334,7 @@ class DualNetwork:
         """Rows of the second convolution's ``W^T`` at the first ReLU layer's unstable units."""
         conv1 = self.net.layers[1].ops[0]
         index = self.relaxations[0].unstable_index[0]
-        return transpose_rows(conv1, self.shapes[1], self.shapes[2], index, position_major=True)
+        return transpose_rows(conv1, self.shapes[1], self.shapes[2], index)
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,

@@ -47,15 +47,20 @@ class PatchGeometry:
         (k, _), (s, _), (p, _) = op.module.kernel_size, op.module.stride, op.module.padding
         return PatchGeometry((self.size - 1) * s + k, self.stride * s, self.padding * s + p)
 
+    def pad(self, t: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """``t: (B, C, H, W)`` zero-padded so that the patch of every output unit lies inside it."""
+        h_o, w_o = out_hw
+        pad_h = max(0, (h_o - 1) * self.stride + self.size - self.padding - t.shape[2])
+        pad_w = max(0, (w_o - 1) * self.stride + self.size - self.padding - t.shape[3])
+        return F.pad(t, (self.padding, pad_w, self.padding, pad_h))
+
     def unfold(self, t: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         """Patches of ``t: (B, C, H, W)`` under every output unit: ``(B, H_o, W_o, C, K, K)``.
 
         Positions outside ``t`` read as zero (zero padding), so they add nothing.
         """
         h_o, w_o = out_hw
-        pad_h = max(0, (h_o - 1) * self.stride + self.size - self.padding - t.shape[2])
-        pad_w = max(0, (w_o - 1) * self.stride + self.size - self.padding - t.shape[3])
-        t = F.pad(t, (self.padding, pad_w, self.padding, pad_h))
+        t = self.pad(t, out_hw)
         cols = t.unfold(2, self.size, self.stride).unfold(3, self.size, self.stride)[:, :, :h_o, :w_o]
         return cols.permute(0, 2, 3, 1, 4, 5)
 
@@ -112,6 +117,12 @@ def _channel_bias(op: Conv2dOp, like: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_transpose_matrix(op: Conv2dOp, patch_shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`_build_patch_transpose`, reused while the weight is unchanged (:func:`weight_derived`)."""
+    return weight_derived(op, ("transpose", patch_shape), (op.module.weight,),
+                          lambda: _build_patch_transpose(op, patch_shape))
+
+
+def _build_patch_transpose(op: Conv2dOp, patch_shape: tuple[int, ...]) -> torch.Tensor:
     """The transpose of ``op`` on one ``(C, K, K)`` patch as a dense ``(C K K, C' K' K')`` matrix.
 
     Small (a few hundred rows), so one GEMM over all units beats ``conv_transpose2d`` on
@@ -306,9 +317,7 @@ class _CellPlan:
         # x[t, (b, h, w), (a', c)] = d[b, c, h s_1 + t + a'] (padded), read from a channels-last
         # copy of d so that each (a'_x, c) run is contiguous
         g, r = self.field, self.reach
-        pad_h = max(0, (h_o - 1) * g.stride + g.size - g.padding - d.shape[2])
-        pad_w = max(0, (w_o - 1) * g.stride + g.size - g.padding - d.shape[3])
-        last = F.pad(d, (g.padding, pad_w, g.padding, pad_h)).permute(0, 2, 3, 1).contiguous()
+        last = g.pad(d, out_hw).permute(0, 2, 3, 1).contiguous()
         sb, sh, sw, _ = last.stride()
         x = last.as_strided((n, n, b, h_o, w_o, r, r, d.shape[1]),
                             (sh, sw, sb, g.stride * sh, g.stride * sw, sh, sw, 1))
@@ -381,8 +390,7 @@ def prefix_pair_terms(
     kp = int(mask.sum(2).max()) if mask.numel() else 0
     taps = torch.topk(mask, kp, dim=2, sorted=False).indices  # every unstable tap, padded: (B, L, kp)
     diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
-    transpose = weight_derived(op0, ("transpose", tuple(weight.shape[1:])), (op0.module.weight,),
-                               lambda: _patch_transpose_matrix(op0, tuple(weight.shape[1:])))  # (C_0 k k, P)
+    transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
     rows = (transpose[taps] * diff.unsqueeze(3)).transpose(2, 3)  # (B, L, P, kp)
     w = weight.flatten(1).T  # (C_0 k k, C)
     out = []
@@ -411,13 +419,12 @@ def _taps(n_in: int, n_out: int, k: int, s: int, p: int) -> tuple[np.ndarray, np
 
 
 @lru_cache(maxsize=64)
-def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape,
-                     position_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
     """For every input unit of ``op``, the output units and kernel taps that read it.
 
     Returns ``(out_index, weight_index)``, each ``(n_in, R)`` with ``R`` the most readers of one
     input unit; ``weight_index`` is the number of weights (one past the last) where a slot is
-    unused, and its ``out_index`` is 0.  ``position_major``: output units in ``(H, W, C)`` order.
+    unused, and its ``out_index`` is 0.  Output units are numbered position-major, ``(H, W, C)``.
     """
     m = op.module
     c_in, h_in, w_in = in_shape
@@ -428,14 +435,12 @@ def _transpose_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape,
     co = np.arange(c_out)[None, None, None, :, None, None]
     ci = np.arange(c_in)[:, None, None, None, None, None]
     # axes: (ci, hi, wi, co, rh, rw)
-    out = (co * h_out + oh[None, :, None, None, :, None]) * w_out + ow[None, None, :, None, None, :]
+    out = (oh[None, :, None, None, :, None] * w_out + ow[None, None, :, None, None, :]) * c_out + co  # (H, W, C)
     widx = ((co * c_in + ci) * k_h + th[None, :, None, None, :, None]) * k_w + tw[None, None, :, None, None, :]
     valid = okh[None, :, None, None, :, None] & okw[None, None, :, None, None, :]
     full = (c_in, h_in, w_in, c_out, oh.shape[1], ow.shape[1])
     n_in = c_in * h_in * w_in
     out = np.where(valid, out, 0)
-    if position_major:
-        out = (out % (h_out * w_out)) * c_out + out // (h_out * w_out)
     widx = np.where(valid, widx, m.weight.numel())
     return (torch.from_numpy(np.broadcast_to(out, full).reshape(n_in, -1).copy()),
             torch.from_numpy(np.broadcast_to(widx, full).reshape(n_in, -1).copy()))
@@ -478,15 +483,14 @@ def _scatter_rows(op: Conv2dOp, index: tuple[torch.Tensor, torch.Tensor], units:
     return vals.new_zeros(*units.shape, width).scatter_add(2, cols, vals)
 
 
-def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor,
-                   position_major: bool = False) -> torch.Tensor:
-    """Rows of ``W^T`` at selected input units, ``(B, K, n_out)`` for ``units: (B, K)``.
+def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
+    """Rows of ``W^T`` at selected input units, ``(B, K, n_out)`` for ``units: (B, K)``, with the
+    output units (columns) position-major, ``(H, W, C)``, as the dual's ``w`` is laid out.
 
-    ``(W^T nu)`` at those units is then one batched product ``nu @ rows^T``: each row has at
+    ``(W^T nu)`` at those units is then one batched product ``rows @ nu``: each row has at
     most ``C_out ceil(k/s)^2`` nonzeros, and ``K`` is small (the unstable units of a layer).
-    ``position_major``: the columns in ``(H, W, C)`` order instead of the layer's ``(C, H, W)``.
     """
-    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape, position_major), units, numel(out_shape))
+    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape), units, numel(out_shape))
 
 
 def position_major_index(units: torch.Tensor, shape: Shape) -> torch.Tensor:
