@@ -43,7 +43,7 @@ from polytope.patches import (
     patch_box_terms,
     patch_rows,
     position_major_index,
-    prefix_pair_terms,
+    prefix_pair_bounds,
     transpose_rows,
 )
 from polytope.sets import BoxedLinfBall, InputSet, LinfBall, rows_dot
@@ -419,6 +419,8 @@ class DualNetwork:
                 self.orders.append("interval")
             elif order in ("auto", "patches") and self._patches_apply(i):
                 lower, upper = self._bounds_patches(i)
+                if self.slopes != "fixed":
+                    lower, upper = _tighten(*self._interval(i), lower, upper)
                 self.orders.append("patches")
             else:
                 use_forward = order == "forward" or (
@@ -429,27 +431,63 @@ class DualNetwork:
                     lower, upper = forward_state.bounds(self.x, self.input_set)
                     self.orders.append("forward")
                 else:
-                    lower, upper = self._bounds_backward(i)
+                    lower, upper = self._bounds_backward(i, screen=True)
                     self.orders.append("backward")
             self.relaxations.append(Relaxation.from_bounds(lower, upper))
 
-    def _bounds_backward(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds on ``zhat`` after layer ``i`` from the dual network started at ``c = +-I``."""
+    def _bounds_backward(self, i: int, screen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds on ``zhat`` after layer ``i`` from the dual network started at ``c = +-I``.
+
+        ``screen``: for slopes other than fixed, a ReLU layer's bounds are :meth:`_screened_bounds`.
+        """
         shape = self.shapes[i + 1]
         n, batch = numel(shape), self.x.shape[0]
-        eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device).reshape(n, *shape)
         if self.slopes == "fixed":
+            eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device).reshape(n, *shape)
             record: list[tuple[torch.Tensor, torch.Tensor]] = []
             terms = self._backward(eye.unsqueeze(0).expand(batch, *eye.shape), i + 1, None, record=record)
             if i == len(self.net.layers) - 2:  # the objective's pass will run through the same layers
                 self._tail = _LinearTail(i + 1, terms, record)
             lower, neg_upper = self._value_pair(terms)
-            upper = -neg_upper
-        else:
-            c = torch.cat([eye, -eye]).unsqueeze(0).expand(batch, 2 * n, *shape)
-            j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], pairs=True))
-            lower, upper = j[:, :n], -j[:, n:]
+            return lower.reshape(batch, *shape), -neg_upper.reshape(batch, *shape)
+        if screen and i > 0:
+            return self._screened_bounds(i)
+        units = torch.arange(n, device=self.x.device).expand(batch, n)
+        lower, upper = self._unit_bounds(i, units)
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
+
+    def _unit_bounds(self, i: int, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``J(e_u)`` and ``-J(-e_u)`` (slopes of this network's mode) for the units ``units: (B, k)`` of layer ``i``."""
+        shape = self.shapes[i + 1]
+        eye = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype)  # (B, k, n)
+        k = units.shape[1]
+        c = torch.cat([eye, -eye], 1).reshape(units.shape[0], 2 * k, *shape)
+        j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], pairs=True))
+        return j[:, :k], -j[:, k:]
+
+    def _interval(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval bounds through layer ``i`` from the box ``[relu(l), relu(u)]`` of the ReLU below it."""
+        r = self.relaxations[i - 1]
+        return self.net.layers[i].interval(r.lower.clamp_min(0), r.upper.clamp_min(0))
+
+    def _screened_bounds(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_tighten` of the interval bounds through layer ``i`` by the dual (:meth:`_unit_bounds`),
+        which runs on the units that the intervals leave unstable only.
+
+        On the paper's MNIST model the intervals settle 90% of the dense layer's units, so its
+        dual pass runs over a tenth of the objectives.
+        """
+        lo_i, up_i = self._interval(i)
+        batch, shape = lo_i.shape[0], lo_i.shape[1:]
+        index, valid = unstable_indices((lo_i < 0) & (up_i > 0))
+        inf = torch.tensor(float("inf"), dtype=lo_i.dtype, device=lo_i.device)
+        lower, upper = -inf.expand(batch, numel(shape)), inf.expand(batch, numel(shape))
+        if index.shape[1]:
+            low_d, up_d = self._unit_bounds(i, index)
+            # padded slots point at unit 0: they carry -inf / +inf, which the max / min ignore
+            lower = lower.scatter_reduce(1, index, torch.where(valid, low_d, -inf), "amax")
+            upper = upper.scatter_reduce(1, index, torch.where(valid, up_d, inf), "amin")
+        return _tighten(lo_i, up_i, lower.reshape(lo_i.shape), upper.reshape(lo_i.shape))
 
     def _patches_apply(self, i: int) -> bool:
         return i > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall) and conv_prefix(self.net, i) is not None
@@ -465,10 +503,9 @@ class DualNetwork:
         lo, hi = self.input_set.box(self.x)
         out_hw = (shape[1], shape[2])
 
-        def value(terms: PatchTerms, sign: float) -> torch.Tensor:
+        def value(terms: PatchTerms) -> torch.Tensor:  # J(e_u), eq. (6)
             linear, spread = patch_box_terms(terms, lo, hi, out_hw)
-            relu = terms.relu if sign > 0 or terms.relu_neg is None else terms.relu_neg
-            return -sign * (terms.bias + linear) - spread + relu
+            return -(terms.bias + linear) - spread + terms.relu
 
         if self.slopes == "fixed":
             terms = self._prefix_terms if i == 1 else patch_backward(ops, shape, d, low, None, 1.0)
@@ -477,12 +514,12 @@ class DualNetwork:
             upper = -terms.bias - linear + spread - terms.relu_neg
         elif i == 1:
             a = self.default_alpha()[0]
-            plus, minus = prefix_pair_terms(ops, shape, self._prefix_terms, relax[0].sets.unstable, d[0], low[0], a)
-            lower, upper = value(plus, 1.0), -value(minus, 1.0)
+            lower, upper = prefix_pair_bounds(ops, shape, self._prefix_terms, relax[0].sets.unstable, d[0], low[0],
+                                              a, lo, hi)
         else:
             a = self.default_alpha()[:i]
-            lower = value(patch_backward(ops, shape, d, low, a, 1.0), 1.0)
-            upper = -value(patch_backward(ops, shape, d, low, a, -1.0), 1.0)
+            lower = value(patch_backward(ops, shape, d, low, a, 1.0))
+            upper = -value(patch_backward(ops, shape, d, low, a, -1.0))
         batch = self.x.shape[0]
         return channel_major(lower).reshape(batch, *shape), channel_major(upper).reshape(batch, *shape)
 
@@ -491,12 +528,8 @@ class DualNetwork:
         return len(ops) == 1 and isinstance(self.input_set, LinfBall | BoxedLinfBall)
 
     def _first_layer_interval(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact bounds of ``W_1 x' + b_1`` over a box: ``W m + b +- |W| r``."""
-        lo, hi = self.input_set.box(self.x)
-        layer = self.net.layers[0]
-        centre = layer.forward((lo + hi) / 2)
-        radius = layer.abs_linear((hi - lo) / 2)
-        return centre - radius, centre + radius
+        """Exact bounds of ``W_1 x' + b_1`` over a box (:meth:`AffineLayer.interval`)."""
+        return self.net.layers[0].interval(*self.input_set.box(self.x))
 
     def _forward_is_cheaper(self, i: int, state: _ForwardState | None) -> bool:
         start = 0 if state is None else state.depth
@@ -516,6 +549,20 @@ class DualNetwork:
             j = state.depth
             state = state.push(self.relaxations[j - 1], self.net.layers[j], self.biases[j])
         return state
+
+
+def _tighten(lo_i: torch.Tensor, up_i: torch.Tensor, lower: torch.Tensor,
+             upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer bounds of the slope modes other than ``fixed``: interval bounds ``(lo_i, up_i)``, intersected
+    with the dual's ``(lower, upper)`` on the units that the intervals leave unstable.
+
+    Both are sound, so the result is.  Only a unit's stability reaches later layers (a unit with
+    ``u <= 0`` or ``l >= 0`` has the same relaxation whatever its other bound), so the dual is
+    needed on the units that the intervals cannot settle only (:meth:`DualNetwork._screened_bounds`
+    runs it on those alone); settled units report their interval bounds in every contraction order.
+    """
+    keep = (lo_i < 0) & (up_i > 0)
+    return torch.where(keep, torch.maximum(lo_i, lower), lo_i), torch.where(keep, torch.minimum(up_i, upper), up_i)
 
 
 @dataclass(frozen=True, eq=False)

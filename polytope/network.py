@@ -48,6 +48,9 @@ class LinearOp:
         """``|W| x``: the radius of an interval pushed through the layer."""
         return F.linear(x, self.module.weight.abs())
 
+    def apply_interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _signed_interval(F.linear, self.module.weight, self.module.bias, lo, hi)
+
 
 @dataclass(frozen=True, eq=False)
 class Conv2dOp:
@@ -86,6 +89,10 @@ class Conv2dOp:
         m = self.module
         return F.conv2d(x, m.weight.abs(), None, m.stride, m.padding)
 
+    def apply_interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.module
+        return _signed_interval(lambda x, w, b: F.conv2d(x, w, b, m.stride, m.padding), m.weight, m.bias, lo, hi)
+
 
 @dataclass(frozen=True, eq=False)
 class FlattenOp:
@@ -105,6 +112,9 @@ class FlattenOp:
 
     def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+    def apply_interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lo.flatten(1), hi.flatten(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +154,22 @@ class BatchNormOp:
     def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
         return x * self._view(self._scale_shift()[0].abs(), x.dim())
 
+    def apply_interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = (self._view(t, lo.dim()) for t in self._scale_shift())
+        a, b = scale * lo + shift, scale * hi + shift
+        return torch.minimum(a, b), torch.maximum(a, b)
+
+
+def _signed_interval(apply, weight: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor,
+                     hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply(x, W, b)`` over the box ``[lo, hi]``: ``W+ lo + W- hi + b`` and ``W+ hi + W- lo + b``.
+
+    Exact for one linear map, and computed without the cancellation of the centre-radius form
+    (``W m +- |W| r`` loses ``|W| r`` digits on units whose true bound is small).
+    """
+    pos, neg = weight.clamp_min(0), weight.clamp_max(0)
+    return apply(lo, pos, bias) + apply(hi, neg, None), apply(hi, pos, bias) + apply(lo, neg, None)
+
 
 Op = LinearOp | Conv2dOp | FlattenOp | BatchNormOp
 
@@ -179,6 +205,12 @@ class AffineLayer:
         for op, shape in zip(reversed(self.ops), reversed(shapes[:-1]), strict=True):
             nu = op.transpose(nu, shape)
         return nu
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds of the layer's output over the box ``[lo, hi]``, op by op (exact for a single op)."""
+        for op in self.ops:
+            lo, hi = op.apply_interval(lo, hi)
+        return lo, hi
 
     def abs_linear(self, r: torch.Tensor) -> torch.Tensor:
         """``|W| r`` for a nonnegative radius ``r`` (exact only for a single op; see interval bounds)."""

@@ -365,17 +365,27 @@ def patch_box_terms(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor,
     return linear, spread
 
 
-def prefix_pair_terms(
+PAIR_GROUP = 2
+"""Examples per step of :func:`prefix_pair_bounds`: one step's ``(L, P, C)`` patches stay in cache."""
+
+
+def prefix_pair_bounds(
     ops: list[Conv2dOp], out_shape: Shape, linear: PatchTerms, relax_unstable: torch.Tensor,
     upper_slope: torch.Tensor, lower_unstable: torch.Tensor, lower_slope: torch.Tensor,
-) -> tuple[PatchTerms, PatchTerms]:
-    """``patch_backward(ops, out_shape, [d], [l], [a], sign)`` for ``sign = +1, -1`` on a two-convolution prefix.
+    lo: torch.Tensor, hi: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds ``(B, L, C)`` of every unit of a two-convolution prefix over the box ``[lo, hi]``.
 
+    They are ``J(e_u)`` and ``-J(-e_u)`` of ``patch_backward(ops, out_shape, [d], [l], [a], sign)``.
     With ``W`` the second kernel, eq. (7) gives ``nu = -d W - (a - d) [W]_+`` for ``sign = +1`` and
     ``nu = d W + (a - d) [W]_-`` for ``sign = -1``, so both ``nu_hat_1`` are the linear pass
-    (``linear``: ``alpha = d``, ``sign = +1``) plus ``(a - d) [W]_+- T``.  ``a - d`` vanishes off the
-    unstable set ``relax_unstable`` of the first ReLU, so each output position needs only the few
-    unstable units of its receptive field: a small product per position instead of a full pass.
+    (``linear``: ``alpha = d``, ``sign = +1``) minus ``(a - d) [W]_+- T`` (up to sign).  ``a - d``
+    vanishes off the unstable set ``relax_unstable`` of the first ReLU, so each output position
+    needs only the few unstable units of its receptive field: a small product per position instead
+    of a full pass.  Of each ``nu_hat_1`` only ``<nu_hat_1, m>`` (linear: from the products'
+    factors) and ``<|nu_hat_1|, r>`` are needed, for the box's centre ``m`` and radius ``r``; the
+    latter is formed :data:`PAIR_GROUP` examples at a time, so the full-size patches never leave
+    the cache.
     """
     op0, op1 = ops
     weight = op1.module.weight
@@ -392,16 +402,30 @@ def prefix_pair_terms(
     diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
     transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
     rows = (transpose[taps] * diff.unsqueeze(3)).transpose(2, 3)  # (B, L, P, kp)
+    centre = linear.geometry.unfold((lo + hi) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)  # (B, L, 1, P)
+    radius = linear.geometry.unfold((hi - lo) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)
+    lin = linear.nu_hat_1
+    centre_lin = centre @ lin  # (B, L, 1, C)
+    centre_rows = centre @ rows  # (B, L, 1, kp)
     w = weight.flatten(1).T  # (C_0 k k, C)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (lin, rows, weight))
     out = []
     for sign, part in ((1.0, w.clamp_min(0)), (-1.0, w.clamp_max(0))):
-        corr = rows @ part[taps]  # (B, L, P, C)
-        nu_hat_1 = linear.nu_hat_1 - corr if sign > 0 else corr - linear.nu_hat_1
+        part_taps = part[taps]  # (B, L, kp, C)
+        spread = []
+        for s in range(0, max(batch, 1), PAIR_GROUP):
+            g = torch.baddbmm(lin[s:s + PAIR_GROUP].flatten(0, 1), rows[s:s + PAIR_GROUP].flatten(0, 1),
+                              part_taps[s:s + PAIR_GROUP].flatten(0, 1), alpha=-1)  # lin - corr
+            g = g.abs() if tracked else g.abs_()
+            spread.append(radius[s:s + PAIR_GROUP].flatten(0, 1) @ g)
+        spread = torch.cat(spread).reshape(batch, h_o * w_o, c_out)
+        linear_term = sign * (centre_lin - centre_rows @ part_taps).squeeze(2)  # <nu_hat_1, m>
         kernel = -sign * weight
         relu, _, first = _first_relu_terms(op1, kernel, upper_slope, lower_unstable, lower_slope,
                                            _channel_bias(op0, weight))
-        bias = (-sign * _channel_bias(op1, weight)).reshape(1, c_out, 1, 1) + first
-        out.append(PatchTerms(nu_hat_1, linear.geometry, _position_major(bias), _position_major(relu), None))
+        bias = _position_major((-sign * _channel_bias(op1, weight)).reshape(1, c_out, 1, 1) + first)
+        value = -(bias + linear_term) - spread + _position_major(relu)  # J(sign e_u), eq. (6)
+        out.append(value if sign > 0 else -value)
     return out[0], out[1]
 
 

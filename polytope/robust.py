@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from polytope.dual import DualNetwork, Slopes
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import Network
+from polytope.parallel import map_chunks
 from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
 
@@ -52,11 +53,12 @@ def margin_bounds(
     c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
     if slopes == "optimized":
         return optimize_slopes(net, x, input_set, c)[0]
-    parts = [
-        DualNetwork(net, x[s:s + MARGIN_CHUNK], input_set.rows(x.shape[0], s, s + MARGIN_CHUNK), slopes=slopes)
-        .objective(c[s:s + MARGIN_CHUNK])
-        for s in range(0, max(x.shape[0], 1), MARGIN_CHUNK)
-    ]
+
+    def chunk(s: int) -> torch.Tensor:
+        rows = input_set.rows(x.shape[0], s, s + MARGIN_CHUNK)
+        return DualNetwork(net, x[s:s + MARGIN_CHUNK], rows, slopes=slopes).objective(c[s:s + MARGIN_CHUNK])
+
+    parts = map_chunks(chunk, x.shape[0], MARGIN_CHUNK, x.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

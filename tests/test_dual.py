@@ -715,3 +715,43 @@ def test_recorded_linear_tail_changes_no_objective(kind, data):
         return
     dual._tail = None
     torch.testing.assert_close(with_tail, dual.objective(c), atol=1e-10, rtol=1e-10)
+
+
+@given(cases(), st.sampled_from(["auto", "backward"]))
+@fast(12)
+def test_adaptive_layer_bounds_are_intervals_tightened_by_the_dual(case, order):
+    """Slope modes other than fixed: each ReLU layer after the first gets the interval bounds from the
+    box ``[relu(l), relu(u)]`` below it (computed here from dense maps), and on the units those leave
+    unstable their intersection with the dual's own bounds (the dual run on every unit)."""
+    dual = pt.DualNetwork(case.net, case.x, case.input_set, slopes="adaptive", order=order)
+    segments = affine_segments(case.seq, case.x)
+    for i in range(1, len(dual.bounds)):
+        lo_prev, up_prev = (t.detach().flatten(1).clamp_min(0) for t in dual.bounds[i - 1])
+        a, b = (torch.from_numpy(t) for t in segments[i])
+        pos, neg = a.clamp_min(0), a.clamp_max(0)
+        lo_i, up_i = lo_prev @ pos.T + up_prev @ neg.T + b, up_prev @ pos.T + lo_prev @ neg.T + b
+        lo, up = (t.detach().flatten(1) for t in dual.bounds[i])
+        open_ = (lo_i < 0) & (up_i > 0)
+        units = torch.arange(lo.shape[1]).expand(lo.shape[0], -1)
+        lo_d, up_d = (t.detach() for t in dual._unit_bounds(i, units))
+        torch.testing.assert_close(lo, torch.where(open_, torch.maximum(lo_i, lo_d), lo_i), atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(up, torch.where(open_, torch.minimum(up_i, up_d), up_i), atol=1e-9, rtol=1e-9)
+
+
+def test_interval_screen_skips_the_settled_units_of_a_dense_layer(monkeypatch):
+    """The dense layer's dual pass runs over the units that the intervals leave unstable only."""
+    net = pt.Network.from_torch(build_fc(6, [12, 40], 3, seed=7))
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    seen = []
+    original = pt.DualNetwork._unit_bounds
+
+    def spy(self, i, units):
+        seen.append((i, units.shape[1]))
+        return original(self, i, units)
+
+    monkeypatch.setattr(pt.DualNetwork, "_unit_bounds", spy)
+    dual = pt.DualNetwork(net, x, pt.LinfBall(0.05), slopes="adaptive")
+    lo, up = (t.flatten(1) for t in dual.bounds[1])
+    open_ = ((lo < 0) & (up > 0)).sum(1)
+    assert len(seen) == 1 and seen[0][0] == 1
+    assert int(open_.max()) <= seen[0][1] < 40  # every unstable unit, and fewer objectives than units

@@ -299,3 +299,48 @@ def test_dtype_mismatch_raises(model_dtype, x_dtype):
         pt.DualNetwork(net, x, pt.LinfBall(0.1))
     with pytest.raises(pt.PolytopeError):
         pt.certify(net, x, pt.LinfBall(0.1), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        lambda: [nn.Linear(6, 4)],
+        lambda: [nn.Flatten(), nn.Linear(6, 4)],
+        lambda: [nn.BatchNorm1d(6)],
+        lambda: [nn.Linear(6, 4, bias=False)],
+    ],
+    ids=["linear", "flatten-linear", "batchnorm", "linear-no-bias"],
+)
+def test_layer_interval_is_the_exact_box_image(ops):
+    """``AffineLayer.interval`` of one op is the exact image of the box: attained at its corners."""
+    torch.manual_seed(4)
+    modules = [m.to(DTYPE) for m in ops()]
+    for m in modules:
+        if isinstance(m, nn.BatchNorm1d):
+            _set_stats(m, 3)
+            with torch.no_grad():
+                m.weight.copy_(torch.tensor([1.0, -2.0, 0.5, -0.1, 3.0, 0.0], dtype=DTYPE))
+    seq = nn.Sequential(*modules, nn.ReLU(), nn.Linear(modules[-1].weight.shape[0], 2).to(DTYPE)).eval()
+    layer = pt.Network.from_torch(seq).layers[0]
+    lo = torch.rand(2, 6, dtype=DTYPE) - 0.5
+    hi = lo + torch.rand(2, 6, dtype=DTYPE)
+    low, high = layer.interval(lo, hi)
+    corners = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=DTYPE)] * 6)  # (64, 6)
+    with torch.no_grad():
+        values = torch.stack([nn.Sequential(*modules)(lo[b] + corners * (hi[b] - lo[b])) for b in range(2)])
+    torch.testing.assert_close(low, values.min(1).values, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(high, values.max(1).values, atol=1e-12, rtol=1e-12)
+
+
+def test_layer_interval_has_no_cancellation_on_huge_boxes():
+    """A unit fed only by zero-width inputs gets its bias exactly, whatever the other inputs' width."""
+    lin = nn.Linear(3, 2).to(DTYPE)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 2.0]], dtype=DTYPE))
+        lin.bias.copy_(torch.tensor([0.1, 0.3], dtype=DTYPE))
+    layer = pt.Network.from_torch(nn.Sequential(lin, nn.ReLU(), nn.Linear(2, 1).to(DTYPE))).layers[0]
+    lo = torch.tensor([[0.0, 0.0, 0.0]], dtype=DTYPE)
+    hi = torch.tensor([[0.0, 0.0, 3e10]], dtype=DTYPE)
+    low, high = layer.interval(lo, hi)
+    assert low[0, 0].item() == 0.1 and high[0, 0].item() == 0.1
+    assert high[0, 1].item() == 0.3 + 6e10

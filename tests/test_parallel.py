@@ -1,0 +1,71 @@
+"""Chunks of a batch on several threads (:mod:`polytope.parallel`): same numbers, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from strategies import DTYPE, ConvSpec, build_conv
+
+import polytope as pt
+from polytope.parallel import map_chunks
+from polytope.robust import MARGIN_CHUNK
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def _case():
+    seq = build_conv((1, 8, 8), [ConvSpec(3, 3, 2, 1, True), ConvSpec(4, 3, 1, 1, True)], [10], 4, seed=3)
+    x = torch.rand(3 * MARGIN_CHUNK - 2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    y = torch.randint(0, 4, (x.shape[0],), generator=torch.Generator().manual_seed(3))
+    return seq, pt.Network.from_torch(seq), x, y
+
+
+def _margins_and_grads(slopes: str):
+    seq, net, x, y = _case()
+    seq.zero_grad()
+    loss, _ = pt.robust_loss(net, x, y, pt.LinfBall(0.05), slopes=slopes)
+    loss.backward()
+    with torch.no_grad():
+        margins = pt.margin_bounds(net, x, y, pt.LinfBall(0.05), slopes=slopes)
+    return margins, [p.grad.clone() for p in seq.parameters()]
+
+
+@pytest.mark.parametrize("slopes", ["fixed", "adaptive"])
+def test_threads_give_the_serial_numbers_and_gradients(slopes, two_threads):
+    threaded, grads = _margins_and_grads(slopes)
+    torch.set_num_threads(1)
+    serial, grads_1 = _margins_and_grads(slopes)
+    torch.testing.assert_close(threaded, serial, atol=1e-12, rtol=1e-12)
+    for g, g1 in zip(grads, grads_1, strict=True):
+        torch.testing.assert_close(g, g1, atol=1e-12, rtol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_workers_run_under_the_callers_autograd_mode(two_threads):
+    _, net, x, y = _case()
+    with torch.no_grad():
+        assert not pt.margin_bounds(net, x, y, pt.LinfBall(0.05)).requires_grad
+    with torch.inference_mode():
+        assert pt.margin_bounds(net, x, y, pt.LinfBall(0.05)).is_inference()
+    x = x.clone().requires_grad_(True)
+    assert pt.margin_bounds(net, x, y, pt.LinfBall(0.05)).requires_grad
+
+
+def test_chunks_keep_their_order_and_errors_reach_the_caller(two_threads):
+    device = torch.device("cpu")
+    assert map_chunks(lambda s: s, 20, 8, device) == [0, 8, 16]
+    assert map_chunks(lambda s: s, 0, 8, device) == [0]
+
+    def fail(start: int) -> int:
+        if start == 8:
+            raise pt.InvalidInputError("chunk 8")
+        return start
+
+    with pytest.raises(pt.InvalidInputError, match="chunk 8"):
+        map_chunks(fail, 20, 8, device)
