@@ -457,7 +457,7 @@ class DualNetwork:
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
     def _unit_bounds(self, i: int, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``J(e_u)`` and ``-J(-e_u)`` (slopes of this network's mode) for the units ``units: (B, k)`` of layer ``i``."""
+        """``J(e_u)`` and ``-J(-e_u)`` in this network's slope mode for the units ``units: (B, k)`` of layer ``i``."""
         shape = self.shapes[i + 1]
         eye = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype)  # (B, k, n)
         k = units.shape[1]
