@@ -35,13 +35,13 @@ from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
 from polytope.patches import (
     PatchTerms,
+    SparseRows,
     channel_major,
     conv_prefix,
     fold_patches,
     kernel_rows,
     patch_backward,
     patch_box_terms,
-    patch_rows,
     position_major_index,
     prefix_pair_bounds,
     transpose_rows,
@@ -255,12 +255,12 @@ class DualNetwork:
         return out
 
     def _backward(
-        self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None, pairs: bool = False,
+        self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None,
         record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DualTerms:
         """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear.
 
-        ``pairs``: ``c`` is ``(c', -c')`` (see :meth:`_prefix_shortcut`).  ``record`` collects
+        ``record`` collects
         ``(l, nu)`` on each ReLU layer's unstable units (for :class:`_LinearTail`).  A linear pass
         that reaches the layer of the recorded tail finishes through it.
         """
@@ -277,7 +277,7 @@ class DualNetwork:
             if i == 1 and self._shortcut_applies:  # c sits on the second convolution's output
                 w = -nu.expand(batch, *nu.shape[1:]).flatten(2).transpose(1, 2)
                 w = w.unflatten(1, self.shapes[2]).flatten(2, 3).transpose(1, 2)  # (B, L, C, m)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, None, record)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, record)
             layer, in_shape = self.net.layers[i], self.shapes[i]
             bias = bias + rows_dot(nu.flatten(2), self.biases[i].flatten().expand(nu.shape[0], -1))
             nu_hat = _apply_batched(lambda t, layer=layer, s=in_shape: layer.transpose(t, s), nu, 2)
@@ -287,24 +287,13 @@ class DualNetwork:
             a = None if slopes is None else slopes[i - 1]
             index, valid = r.unstable_index
             lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
-            if i == 2 and self._shortcut_applies and pairs and depth == 3 and a is not None:
-                # c = (c', -c'): w for c' only, and w(c') + w(-c') = (a - d)|v| on the unstable set
-                n = m // 2
-                w = _scaled_position_major(nu_hat[:, :n], r, a, batch)  # (B, L, C, n)
-                v = nu_hat[:, :n].flatten(2).expand(batch, -1, -1)
-                v = torch.gather(v, 2, index.unsqueeze(1).expand(-1, n, -1))
-                d_u, a_u = (torch.gather(t.flatten(1), 1, index).unsqueeze(1) for t in (r.upper_slope, a))
-                nu_u = torch.cat([torch.where(v >= 0, d_u, a_u) * v, -torch.where(v <= 0, d_u, a_u) * v], 1)
-                relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
-                rest = ((a_u - d_u) * v.abs() * valid.unsqueeze(1)).transpose(1, 2)  # (B, K_1, n)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, rest, record)
             if i == 2 and self._shortcut_applies:
                 # the shortcut takes w = -nu position-major: build it so
                 w = _scaled_position_major(nu_hat, r, a, batch)  # (B, L, C, m)
                 pm = position_major_index(index, self.shapes[2])
                 nu_u = -torch.gather(w.flatten(1, 2), 1, pm.unsqueeze(2).expand(-1, -1, m)).transpose(1, 2)
                 relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, None, record)
+                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, record)
             d = r.upper_slope.unsqueeze(1)
             if a is None:
                 nu = d * nu_hat
@@ -330,7 +319,7 @@ class DualNetwork:
         return patch_backward(ops, self.shapes[2], [r.upper_slope], [r.lower_unstable], None, 1.0)
 
     @cached_property
-    def _unstable_rows(self) -> torch.Tensor:
+    def _unstable_rows(self) -> SparseRows:
         """Rows of the second convolution's ``W^T`` at the first ReLU layer's unstable units."""
         conv1 = self.net.layers[1].ops[0]
         index = self.relaxations[0].unstable_index[0]
@@ -338,8 +327,7 @@ class DualNetwork:
 
     def _prefix_shortcut(
         self, w: torch.Tensor, bias: torch.Tensor, relu: torch.Tensor, relu_neg: torch.Tensor | None,
-        slopes: list[torch.Tensor] | None, rest: torch.Tensor | None = None,
-        record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        slopes: list[torch.Tensor] | None, record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DualTerms:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
 
@@ -348,40 +336,20 @@ class DualNetwork:
         Everything but the ReLU term of the first layer is linear in ``nu``, so it is the
         ``w``-combination of the per-unit patch passes; the first layer's ReLU term needs
         ``nu`` on its unstable units only (:func:`transpose_rows`).  Slopes other than ``d``
-        there add a sparse correction to ``nu_hat_1`` and the bias term.
-
-        ``rest``: the objectives are ``(c, -c)`` and only the second ReLU layer's slopes stand
-        between them and ``w``, which holds the first half only; with ``v`` its ``nu_hat`` for
-        ``c``, eq. (7) gives ``rest = w(c) + w(-c) = (a - d) |v|``, zero off that layer's unstable
-        set (``(B, K_1, n)`` on it), so the linear maps need the first half plus a sparse part.
+        there add ``W_1^T`` of a correction on those units to ``nu_hat_1``, and its bias term.
         """
         terms = self._prefix_terms
         batch, n = w.shape[0], w.shape[3]
         out_hw = self.shapes[2][1:]
         flat = w.reshape(batch, -1, n)  # (B, n_2, n), position-major
         bias_2 = terms.bias.reshape(batch, -1)
-        head = (bias_2.unsqueeze(1) @ flat).squeeze(1)
+        bias = bias + (bias_2.unsqueeze(1) @ flat).squeeze(1)
         r = self.relaxations[0]
         index, valid = r.unstable_index
         conv0 = self.net.layers[0].ops[0]
-        rows_1 = self._unstable_rows  # (B, K, n_2)
-        if rest is not None:
-            m = 2 * n
-            unit = self.relaxations[1].unstable_index[0]
-            unit_pm = position_major_index(unit, self.shapes[2])
-            on_unit = (torch.gather(bias_2, 1, unit_pm).unsqueeze(1) @ rest).squeeze(1)
-            bias = bias + torch.cat([head, on_unit - head], 1)
-            head = fold_patches(w, terms, self.shapes[0], out_hw).flatten(2)
-            rows = patch_rows(terms, self.shapes[2], self.shapes[0], unit)
-            nu_hat_1 = torch.cat([head, rest.transpose(1, 2) @ rows - head], 1).reshape(batch, m, *self.shapes[0])
-            head = (rows_1 @ flat).transpose(1, 2)
-            sub = torch.gather(rows_1, 2, unit_pm.unsqueeze(1).expand(-1, rows_1.shape[1], -1))
-            nu_hat_0 = -torch.cat([head, (sub @ rest).transpose(1, 2) - head], 1)
-        else:
-            bias = bias + head
-            nu_hat_1 = fold_patches(w, terms, self.shapes[0], out_hw)
-            # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
-            nu_hat_0 = -(rows_1 @ flat).transpose(1, 2)
+        nu_hat_1 = fold_patches(w, terms, self.shapes[0], out_hw)
+        # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
+        nu_hat_0 = -self._unstable_rows.matmul(flat).transpose(1, 2)
         d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
         lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
         if slopes is None:
@@ -392,8 +360,8 @@ class DualNetwork:
             nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
             # nu_0 - d nu_hat_0 lives on the unstable units: add W_1^T of it and its bias term
             delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
-            rows = kernel_rows(conv0, self.shapes[0], self.shapes[1], index)  # (B, K, n_in)
-            nu_hat_1 = nu_hat_1 + (delta @ rows).reshape(nu_hat_1.shape)
+            rows = kernel_rows(conv0, self.shapes[0], self.shapes[1], index)
+            nu_hat_1 = nu_hat_1 + rows.rmatmul(delta).reshape(nu_hat_1.shape)
             b_0 = self.biases[0].flatten()[index]  # (B, K)
             bias = bias + rows_dot(delta, b_0)
         relu, relu_neg = _relu_terms(lower, nu_0, relu, relu_neg, record)
@@ -462,7 +430,7 @@ class DualNetwork:
         eye = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype)  # (B, k, n)
         k = units.shape[1]
         c = torch.cat([eye, -eye], 1).reshape(units.shape[0], 2 * k, *shape)
-        j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], pairs=True))
+        j = self._value(self._backward(c, i + 1, self.default_alpha()[:i]))
         return j[:, :k], -j[:, k:]
 
     def _interval(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -498,75 +498,64 @@ def _kernel_index(op: Conv2dOp, in_shape: Shape, out_shape: Shape) -> tuple[torc
     return torch.from_numpy(inp.reshape(n_out, -1)), torch.from_numpy(widx.reshape(n_out, -1))
 
 
-def _scatter_rows(op: Conv2dOp, index: tuple[torch.Tensor, torch.Tensor], units: torch.Tensor,
-                  width: int) -> torch.Tensor:
-    """Dense rows ``(B, K, width)`` holding ``op``'s weights at the slots ``index`` lists for ``units``."""
-    cols, widx = (t.to(units.device)[units] for t in index)
-    vals = F.pad(op.module.weight.flatten(), (0, 1))[widx]
-    # unused slots read the appended zero weight and add it to column 0
-    return vals.new_zeros(*units.shape, width).scatter_add(2, cols, vals)
+class SparseRows(NamedTuple):
+    """``K`` rows of a sparse ``(K, width)`` matrix per example: ``(B, K, R)`` column indices and
+    values, at most ``R`` nonzeros per row (unused slots hold a zero value on column 0)."""
+
+    cols: torch.Tensor
+    vals: torch.Tensor
+    width: int
+
+    @classmethod
+    def of(cls, op: Conv2dOp, index: tuple[torch.Tensor, torch.Tensor], units: torch.Tensor, width: int) -> SparseRows:
+        """The rows at ``units: (B, K)`` of an ``(index, weight index)`` table of ``op``'s weights."""
+        cols, widx = (t.to(units.device)[units] for t in index)
+        return cls(cols, F.pad(op.module.weight.flatten(), (0, 1))[widx], width)
+
+    def matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        """``rows @ dense`` for ``dense: (B, n_cols, m)``, ``(B, K, m)``: one weighted sum of ``R`` rows of
+        ``dense`` per row (``embedding_bag``), ``R / n_cols`` of the dense product's work."""
+        b, n_cols, m = dense.shape
+        k, r = self.cols.shape[1:]
+        if b * k == 0:
+            return dense.new_zeros(b, k, m)
+        offsets = self.cols + torch.arange(b, device=self.cols.device).view(b, 1, 1) * n_cols
+        out = F.embedding_bag(offsets.reshape(b * k, r), dense.reshape(b * n_cols, m),
+                              per_sample_weights=self.vals.reshape(b * k, r), mode="sum")
+        return out.view(b, k, m)
+
+    def rmatmul(self, coef: torch.Tensor) -> torch.Tensor:
+        """``coef @ rows`` for ``coef: (B, m, K)``, ``(B, m, width)``: the ``K R`` scaled rows of ``coef``
+        added into place (``index_add``), ``R / width`` of the dense product's work."""
+        b, m = coef.shape[:2]
+        src = self.vals.unsqueeze(3) * coef.transpose(1, 2).unsqueeze(2)  # (B, K, R, m)
+        at = (self.cols + torch.arange(b, device=self.cols.device).view(b, 1, 1) * self.width).flatten()
+        out = coef.new_zeros(b * self.width, m).index_add_(0, at, src.reshape(-1, m))
+        return out.view(b, self.width, m).transpose(1, 2)
 
 
-def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
-    """Rows of ``W^T`` at selected input units, ``(B, K, n_out)`` for ``units: (B, K)``, with the
-    output units (columns) position-major, ``(H, W, C)``, as the dual's ``w`` is laid out.
+def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> SparseRows:
+    """Rows of ``W^T`` at selected input units, for ``units: (B, K)``, with the output units
+    (columns) position-major, ``(H, W, C)``, as the dual's ``w`` is laid out.
 
-    ``(W^T nu)`` at those units is then one batched product ``rows @ nu``: each row has at
-    most ``C_out ceil(k/s)^2`` nonzeros, and ``K`` is small (the unstable units of a layer).
+    ``(W^T nu)`` at those units is then ``rows.matmul(nu)``: each row has at most
+    ``C_out ceil(k/s)^2`` nonzeros, and ``K`` is small (the unstable units of a layer).
     """
-    return _scatter_rows(op, _transpose_index(op, in_shape, out_shape), units, numel(out_shape))
+    return SparseRows.of(op, _transpose_index(op, in_shape, out_shape), units, numel(out_shape))
+
+
+def kernel_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> SparseRows:
+    """Rows of ``W`` at selected output units ``units: (B, K)``: each unit's kernel placed in the input.
+
+    ``W^T delta`` for a ``delta: (B, m, K)`` supported on those units is ``rows.rmatmul(delta)``.
+    """
+    return SparseRows.of(op, _kernel_index(op, in_shape, out_shape), units, numel(in_shape))
 
 
 def position_major_index(units: torch.Tensor, shape: Shape) -> torch.Tensor:
     """Flat unit indices of a ``(C, H, W)`` layer, in ``(H, W, C)`` order."""
     positions = shape[1] * shape[2]
     return (units % positions) * shape[0] + units // positions
-
-
-def kernel_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> torch.Tensor:
-    """Rows of ``W`` at selected output units, ``(B, K, n_in)``: each unit's kernel placed in the input.
-
-    ``W^T delta`` for a ``delta`` supported on those units is ``delta @ rows``.
-    """
-    return _scatter_rows(op, _kernel_index(op, in_shape, out_shape), units, numel(in_shape))
-
-
-@lru_cache(maxsize=64)
-def _patch_index(geometry: PatchGeometry, out_shape: Shape, in_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every unit of a ``out_shape`` layer, the input units under its patch entries.
-
-    Returns ``(in_index, valid)``, each ``(U, C K K)``; entries off the input are not valid
-    (and point at unit 0).
-    """
-    c_out, h_o, w_o = out_shape
-    c_in, h_in, w_in = in_shape
-    k, s, p = geometry.size, geometry.stride, geometry.padding
-    ih = np.arange(h_o)[:, None] * s - p + np.arange(k)[None, :]  # (h_o, K)
-    iw = np.arange(w_o)[:, None] * s - p + np.arange(k)[None, :]
-    ci = np.arange(c_in)[None, None, :, None, None]
-    # axes: (ho, wo, ci, ky, kx)
-    valid = ((ih >= 0) & (ih < h_in))[:, None, None, :, None] & ((iw >= 0) & (iw < w_in))[None, :, None, None, :]
-    index = (ci * h_in + ih[:, None, None, :, None]) * w_in + iw[None, :, None, None, :]
-    full = (h_o, w_o, c_in, k, k)
-    valid = np.broadcast_to(valid, full).reshape(1, h_o * w_o, -1)
-    index = np.where(valid, np.broadcast_to(index, full).reshape(1, h_o * w_o, -1), 0)
-    valid, index = (np.broadcast_to(t, (c_out, *t.shape[1:])).reshape(c_out * h_o * w_o, -1) for t in (valid, index))
-    return torch.from_numpy(index.copy()), torch.from_numpy(valid.copy())
-
-
-def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torch.Tensor) -> torch.Tensor:
-    """The patches ``nu_hat_1(u)`` of selected units placed in the input, ``(B, K, n_in)``.
-
-    ``units`` are flat indices in the layer's ``(C, H, W)`` order.  ``fold_patches`` of a ``w``
-    supported on those units is then ``w @ rows``.
-    """
-    index, valid = (t.to(units.device)[units] for t in _patch_index(terms.geometry, out_shape, in_shape))
-    positions = out_shape[1] * out_shape[2]
-    examples = torch.arange(units.shape[0], device=units.device).unsqueeze(1)
-    patches = terms.nu_hat_1[examples, units % positions, :, units // positions]  # (B, K, P)
-    # entries off the input are zeroed and added to unit 0
-    vals = patches * valid.to(patches.dtype)
-    return vals.new_zeros(*units.shape, numel(in_shape)).scatter_add(2, index, vals)
 
 
 def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape, out_hw: tuple[int, int]) -> torch.Tensor:
