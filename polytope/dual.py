@@ -482,8 +482,7 @@ class DualNetwork:
             upper = -terms.bias - linear + spread - terms.relu_neg
         elif i == 1:
             a = self.default_alpha()[0]
-            lower, upper = prefix_pair_bounds(ops, shape, self._prefix_terms, relax[0].sets.unstable, d[0], low[0],
-                                              a, lo, hi)
+            lower, upper = prefix_pair_bounds(ops, shape, self._prefix_terms, relax[0].sets.unstable, d[0], a, lo, hi)
         else:
             a = self.default_alpha()[:i]
             lower = value(patch_backward(ops, shape, d, low, a, 1.0))

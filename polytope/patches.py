@@ -371,12 +371,12 @@ PAIR_GROUP = 2
 
 def prefix_pair_bounds(
     ops: list[Conv2dOp], out_shape: Shape, linear: PatchTerms, relax_unstable: torch.Tensor,
-    upper_slope: torch.Tensor, lower_unstable: torch.Tensor, lower_slope: torch.Tensor,
-    lo: torch.Tensor, hi: torch.Tensor,
+    upper_slope: torch.Tensor, lower_slope: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds ``(B, L, C)`` of every unit of a two-convolution prefix over the box ``[lo, hi]``.
 
-    They are ``J(e_u)`` and ``-J(-e_u)`` of ``patch_backward(ops, out_shape, [d], [l], [a], sign)``.
+    They are ``J(e_u)`` and ``-J(-e_u)`` of ``patch_backward(ops, out_shape, [d], [l], [a], sign)``
+    (``linear`` is its pass with ``a = d``, ``sign = +1``).
     With ``W`` the second kernel, eq. (7) gives ``nu = -d W - (a - d) [W]_+`` for ``sign = +1`` and
     ``nu = d W + (a - d) [W]_-`` for ``sign = -1``, so both ``nu_hat_1`` are the linear pass
     (``linear``: ``alpha = d``, ``sign = +1``) minus ``(a - d) [W]_+- T`` (up to sign).  ``a - d``
@@ -409,8 +409,15 @@ def prefix_pair_bounds(
     centre_rows = centre @ rows  # (B, L, 1, kp)
     w = weight.flatten(1).T  # (C_0 k k, C)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (lin, rows, weight))
+    # eq. (6)'s first-layer terms: the ReLU terms are the linear pass's (they use the upper line
+    # only); the bias terms differ from it by (a - d) b_0 convolved with [W]_+ (sign +1) or [-W]_+
+    m1 = op1.module
+    shift = F.conv2d((lower_slope - upper_slope) * _channel_bias(op0, weight).reshape(1, -1, 1, 1),
+                     torch.cat([weight.clamp_min(0), (-weight).clamp_min(0)]), None, m1.stride, m1.padding)
+    shift = _position_major(shift)  # (B, L, 2C)
     out = []
-    for sign, part in ((1.0, w.clamp_min(0)), (-1.0, w.clamp_max(0))):
+    for sign, part, relu, bias in ((1.0, w.clamp_min(0), linear.relu, linear.bias - shift[:, :, :c_out]),
+                                   (-1.0, w.clamp_max(0), linear.relu_neg, -linear.bias - shift[:, :, c_out:])):
         part_taps = part[taps]  # (B, L, kp, C)
         spread = []
         for s in range(0, max(batch, 1), PAIR_GROUP):
@@ -420,11 +427,7 @@ def prefix_pair_bounds(
             spread.append(radius[s:s + PAIR_GROUP].flatten(0, 1) @ g)
         spread = torch.cat(spread).reshape(batch, h_o * w_o, c_out)
         linear_term = sign * (centre_lin - centre_rows @ part_taps).squeeze(2)  # <nu_hat_1, m>
-        kernel = -sign * weight
-        relu, _, first = _first_relu_terms(op1, kernel, upper_slope, lower_unstable, lower_slope,
-                                           _channel_bias(op0, weight))
-        bias = _position_major((-sign * _channel_bias(op1, weight)).reshape(1, c_out, 1, 1) + first)
-        value = -(bias + linear_term) - spread + _position_major(relu)  # J(sign e_u), eq. (6)
+        value = -(bias + linear_term) - spread + relu  # J(sign e_u), eq. (6)
         out.append(value if sign > 0 else -value)
     return out[0], out[1]
 
