@@ -42,6 +42,7 @@ from polytope.patches import (
     kernel_rows,
     patch_backward,
     patch_box_terms,
+    patch_rows,
     position_major_index,
     prefix_pair_bounds,
     transpose_rows,
@@ -147,6 +148,9 @@ class DualNetwork:
     ``"fixed"`` (the paper's ``alpha = u/(u-l)``, eq. 8), ``"adaptive"`` (1 where
     ``u >= -l``, else 0), or one tensor per ReLU layer, ``(B, *layer_shape)`` in ``[0, 1]``
     (any choice is sound; :func:`polytope.slopes.optimize_slopes` searches for good ones).
+    With slopes other than fixed, the bounds of each ReLU layer after the first are interval
+    bounds from the layer below, intersected with the dual's on the units the intervals leave
+    unstable (:func:`_tighten`); fixed slopes give the paper's numbers exactly.
     ``order`` picks the contraction order of the bound computation;
     ``"auto"`` takes the cheaper one per layer (forward is only available for fixed slopes).
     """
@@ -186,6 +190,7 @@ class DualNetwork:
         self.relaxations: list[Relaxation] = []
         self.orders: list[str] = []
         self._tail: _LinearTail | None = None
+        self._slope_tail: _SlopeTail | None = None
         self._compute_bounds(order)
 
     # -- public ---------------------------------------------------------------------------
@@ -214,7 +219,7 @@ class DualNetwork:
             slopes = None if self.slopes == "fixed" else self.default_alpha()
         else:
             slopes = self._check_alpha(alpha, c.shape[1])
-        terms = self._backward(c, len(self.net.layers), slopes)
+        terms = self._backward(c, len(self.net.layers), slopes, mode_slopes=alpha is None)
         return self._value(terms)
 
     def output_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,12 +262,15 @@ class DualNetwork:
     def _backward(
         self, c: torch.Tensor, depth: int, slopes: list[torch.Tensor] | None,
         record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep: tuple[torch.Tensor, torch.Tensor] | None = None, mode_slopes: bool = False,
     ) -> DualTerms:
         """Eq. (7) from ``c`` on ``zhat_{depth+1}`` back to the input; ``slopes=None`` is linear.
 
-        ``record`` collects
-        ``(l, nu)`` on each ReLU layer's unstable units (for :class:`_LinearTail`).  A linear pass
-        that reaches the layer of the recorded tail finishes through it.
+        ``record`` collects ``(l, nu)`` on each ReLU layer's unstable units (for :class:`_LinearTail`).
+        A linear pass that reaches the layer of the recorded tail finishes through it.  ``keep``
+        (units ``(B, k)`` of the third layer and their validity; ``c = e_u`` are the first ``k``
+        objectives) records a :class:`_SlopeTail`, through which later passes with the mode's
+        slopes (``mode_slopes``) finish.
         """
         batch, m = c.shape[:2]
         # the same objectives for every example (c = I): W^T c once, not once per example
@@ -288,12 +296,19 @@ class DualNetwork:
             index, valid = r.unstable_index
             lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
             if i == 2 and self._shortcut_applies:
-                # the shortcut takes w = -nu position-major: build it so
-                w = _scaled_position_major(nu_hat, r, a, batch)  # (B, L, C, m)
-                pm = position_major_index(index, self.shapes[2])
-                nu_u = -torch.gather(w.flatten(1, 2), 1, pm.unsqueeze(2).expand(-1, -1, m)).transpose(1, 2)
+                v = torch.gather(nu_hat.flatten(2).expand(batch, -1, -1), 2, index.unsqueeze(1).expand(-1, m, -1))
+                d_u, a_u = _on_units(r.upper_slope, index), _on_units(r.upper_slope if a is None else a, index)
+                if mode_slopes and self._slope_tail is not None:
+                    linear = self._slope_tail.finish(self, nu, v, d_u, a_u)
+                else:
+                    w = _scaled_position_major(nu_hat, r, a, batch)  # (B, L, C, m): the shortcut's -nu
+                    linear = self._shortcut_linear(w)
+                    if keep is not None:
+                        self._slope_tail = _SlopeTail.record(keep, linear, v, d_u, a_u)
+                nu_u = torch.where(v >= 0, d_u, a_u) * v * valid.unsqueeze(1)  # eq. (7) on the unstable units
                 relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
-                return self._prefix_shortcut(w, bias, relu, relu_neg, slopes, record)
+                return self._first_layer(bias + linear.bias, linear.nu_hat_1, linear.nu_hat_0, relu, relu_neg, slopes,
+                                         record)
             d = r.upper_slope.unsqueeze(1)
             if a is None:
                 nu = d * nu_hat
@@ -332,24 +347,37 @@ class DualNetwork:
         """Finish eq. (7) from ``nu = -w`` on the second convolution's output via unit patches.
 
         ``w`` is position-major, ``(B, L, C, m)`` (see :func:`_scaled_position_major`).
+        """
+        linear = self._shortcut_linear(w)
+        return self._first_layer(bias + linear.bias, linear.nu_hat_1, linear.nu_hat_0, relu, relu_neg, slopes, record)
 
-        Everything but the ReLU term of the first layer is linear in ``nu``, so it is the
-        ``w``-combination of the per-unit patch passes; the first layer's ReLU term needs
-        ``nu`` on its unstable units only (:func:`transpose_rows`).  Slopes other than ``d``
-        there add ``W_1^T`` of a correction on those units to ``nu_hat_1``, and its bias term.
+    def _shortcut_linear(self, w: torch.Tensor) -> _ShortcutLinear:
+        """The maps of ``nu = -w`` on the second convolution's output that are linear whatever the slopes.
+
+        Everything but the first layer's ReLU step is the ``w``-combination of the per-unit patch
+        passes (the bias term and ``nu_hat_1`` as if ``alpha = d`` there); the first layer's ReLU
+        step needs ``nu_hat`` on its unstable units only (:func:`transpose_rows`).
         """
         terms = self._prefix_terms
         batch, n = w.shape[0], w.shape[3]
-        out_hw = self.shapes[2][1:]
-        flat = w.reshape(batch, -1, n)  # (B, n_2, n), position-major
-        bias_2 = terms.bias.reshape(batch, -1)
-        bias = bias + (bias_2.unsqueeze(1) @ flat).squeeze(1)
+        flat = w.reshape(batch, -1, n)  # (B, n_2, m), position-major
+        bias = (terms.bias.reshape(batch, 1, -1) @ flat).squeeze(1)
+        nu_hat_1 = fold_patches(w, terms, self.shapes[0], self.shapes[2][1:])
+        # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
+        return _ShortcutLinear(bias, nu_hat_1, -self._unstable_rows.matmul(flat).transpose(1, 2))
+
+    def _first_layer(
+        self, bias: torch.Tensor, nu_hat_1: torch.Tensor, nu_hat_0: torch.Tensor, relu: torch.Tensor,
+        relu_neg: torch.Tensor | None, slopes: list[torch.Tensor] | None,
+        record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> DualTerms:
+        """Eq. (7)'s ReLU step on the first layer's unstable units, given the shortcut's linear maps.
+
+        Slopes other than ``d`` there add ``W_1^T`` of a correction on those units to ``nu_hat_1``,
+        and its bias term.
+        """
         r = self.relaxations[0]
         index, valid = r.unstable_index
-        conv0 = self.net.layers[0].ops[0]
-        nu_hat_1 = fold_patches(w, terms, self.shapes[0], out_hw)
-        # nu_hat_0 = W_2^T nu = -W_2^T w, on the unstable units only: (B, m, K)
-        nu_hat_0 = -self._unstable_rows.matmul(flat).transpose(1, 2)
         d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
         lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
         if slopes is None:
@@ -360,7 +388,7 @@ class DualNetwork:
             nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
             # nu_0 - d nu_hat_0 lives on the unstable units: add W_1^T of it and its bias term
             delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
-            rows = kernel_rows(conv0, self.shapes[0], self.shapes[1], index)
+            rows = kernel_rows(self.net.layers[0].ops[0], self.shapes[0], self.shapes[1], index)
             nu_hat_1 = nu_hat_1 + rows.rmatmul(delta).reshape(nu_hat_1.shape)
             b_0 = self.biases[0].flatten()[index]  # (B, K)
             bias = bias + rows_dot(delta, b_0)
@@ -421,16 +449,21 @@ class DualNetwork:
         if screen and i > 0:
             return self._screened_bounds(i)
         units = torch.arange(n, device=self.x.device).expand(batch, n)
-        lower, upper = self._unit_bounds(i, units)
+        lower, upper = self._unit_bounds(i, units, torch.ones_like(units, dtype=torch.bool))
         return lower.reshape(batch, *shape), upper.reshape(batch, *shape)
 
-    def _unit_bounds(self, i: int, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``J(e_u)`` and ``-J(-e_u)`` in this network's slope mode for the units ``units: (B, k)`` of layer ``i``."""
+    def _unit_bounds(self, i: int, units: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``J(e_u)`` and ``-J(-e_u)`` in this network's slope mode for the units ``units: (B, k)`` of layer ``i``.
+
+        The pass of the third layer's units through the shortcut is kept (:class:`_SlopeTail`) when
+        every unit that a later pass can reach is among them (``valid``: not padding).
+        """
         shape = self.shapes[i + 1]
         eye = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype)  # (B, k, n)
         k = units.shape[1]
         c = torch.cat([eye, -eye], 1).reshape(units.shape[0], 2 * k, *shape)
-        j = self._value(self._backward(c, i + 1, self.default_alpha()[:i]))
+        keep = (units, valid) if i == 2 and self._shortcut_applies else None
+        j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], keep=keep, mode_slopes=True))
         return j[:, :k], -j[:, k:]
 
     def _interval(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,18 +473,19 @@ class DualNetwork:
 
     def _screened_bounds(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`_tighten` of the interval bounds through layer ``i`` by the dual (:meth:`_unit_bounds`),
-        which runs on the units that the intervals leave unstable only.
+        which runs on the units that the intervals do not prove inactive only (the unstable ones,
+        and the active ones, whose pass a :class:`_SlopeTail` needs).
 
         On the paper's MNIST model the intervals settle 90% of the dense layer's units, so its
         dual pass runs over a tenth of the objectives.
         """
         lo_i, up_i = self._interval(i)
         batch, shape = lo_i.shape[0], lo_i.shape[1:]
-        index, valid = unstable_indices((lo_i < 0) & (up_i > 0))
+        index, valid = unstable_indices(up_i > 0)
         inf = torch.tensor(float("inf"), dtype=lo_i.dtype, device=lo_i.device)
         lower, upper = -inf.expand(batch, numel(shape)), inf.expand(batch, numel(shape))
         if index.shape[1]:
-            low_d, up_d = self._unit_bounds(i, index)
+            low_d, up_d = self._unit_bounds(i, index, valid)
             # padded slots point at unit 0: they carry -inf / +inf, which the max / min ignore
             lower = lower.scatter_reduce(1, index, torch.where(valid, low_d, -inf), "amax")
             upper = upper.scatter_reduce(1, index, torch.where(valid, up_d, inf), "amin")
@@ -607,6 +641,69 @@ class _LinearTail:
         for lower, pre in self.relus:
             relu, relu_neg = _relu_terms(lower, v @ pre, relu, relu_neg)
         return DualTerms(nu_hat_1.unflatten(2, self.terms.nu_hat_1.shape[2:]), bias, relu, relu_neg)
+
+
+class _ShortcutLinear(NamedTuple):
+    """The maps of ``w`` in :meth:`DualNetwork._shortcut_linear`, linear in ``w``: the bias term ``(B, m)``,
+    ``nu_hat_1`` ``(B, m, *in_shape)`` and ``nu_hat_0`` on the first ReLU layer's unstable units ``(B, m, K_0)``."""
+
+    bias: torch.Tensor
+    nu_hat_1: torch.Tensor
+    nu_hat_0: torch.Tensor
+
+
+def _on_units(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-unit values ``t: (B, *shape)`` at flat units ``index: (B, K)``, as ``(B, 1, K)``."""
+    return torch.gather(t.flatten(1), 1, index).unsqueeze(1)
+
+
+@dataclass(frozen=True, eq=False)
+class _SlopeTail:
+    """The bound pass of the third layer's units ``units`` (``c = e_u``), kept at the second convolution's
+    output, for the later passes in the same slope mode.
+
+    There ``w = -nu`` is ``-d v + corr(v)`` for ``v = W_3^T nu_3`` (``nu_3`` on the third layer's output),
+    with ``corr(v) = (d - a) [v]_-`` on the second ReLU layer's unstable set ``I_2`` (eq. 7).  ``v`` is
+    linear in ``nu_3``; a later pass's ``nu_3`` lives on units whose upper bound is positive, all
+    among ``units``, so ``nu_3 = sum_j coef_j (-e_j)`` and
+    ``w = sum_j coef_j w_j + delta`` with ``delta = corr(v) - sum_j coef_j corr(v_j)`` on ``I_2`` only.
+    The maps of :meth:`DualNetwork._shortcut_linear` are linear, so the pass finishes with the kept
+    maps of the ``w_j`` and those of ``delta`` (a few dozen sparse columns) instead of a fold.
+    """
+
+    units: torch.Tensor  # (B, k), padded slots not valid
+    valid: torch.Tensor
+    linear: _ShortcutLinear  # of the w_j, (B, k, ...)
+    corr: torch.Tensor  # corr(v_j) on I_2, (B, k, K_2)
+
+    @classmethod
+    def record(cls, keep: tuple[torch.Tensor, torch.Tensor], linear: _ShortcutLinear, v: torch.Tensor,
+               d_u: torch.Tensor, a_u: torch.Tensor) -> _SlopeTail:
+        """Keep the first ``k`` objectives of a pass (``v``: its ``v`` on ``I_2``, ``(B, m, K_2)``)."""
+        units, valid = keep
+        k = units.shape[1]
+        first = _ShortcutLinear(*(t[:, :k] for t in linear))
+        return cls(units, valid, first, (d_u - a_u) * v[:, :k].clamp_max(0))
+
+    def finish(self, dual: DualNetwork, nu: torch.Tensor, v: torch.Tensor, d_u: torch.Tensor,
+               a_u: torch.Tensor) -> _ShortcutLinear:
+        """The maps for ``nu: (B or 1, m, *shape)`` on the third layer's output, with ``v`` on ``I_2``."""
+        batch, m = v.shape[:2]
+        at = self.units.unsqueeze(1).expand(-1, m, -1)
+        coef = -torch.gather(nu.expand(batch, *nu.shape[1:]).flatten(2), 2, at) * self.valid.unsqueeze(1)
+        index, valid = dual.relaxations[1].unstable_index
+        delta = ((d_u - a_u) * v.clamp_max(0) - coef @ self.corr) * valid.unsqueeze(1)  # (B, m, K_2)
+        terms, shape = dual._prefix_terms, dual.shapes[2]
+        pm = position_major_index(index, shape)
+        bias = (coef @ self.linear.bias.unsqueeze(2)).squeeze(2) + rows_dot(
+            delta, torch.gather(terms.bias.reshape(batch, -1), 1, pm))
+        fold = patch_rows(terms, shape, dual.shapes[0], index).rmatmul(delta)
+        nu_hat_1 = (coef @ self.linear.nu_hat_1.flatten(2)).reshape(batch, m, *dual.shapes[0]) + fold.reshape(
+            batch, m, *dual.shapes[0])
+        spread = delta.new_zeros(batch, numel(shape), m).scatter_add(1, pm.unsqueeze(2).expand(-1, -1, m),
+                                                                    delta.transpose(1, 2))
+        nu_hat_0 = coef @ self.linear.nu_hat_0 - dual._unstable_rows.matmul(spread).transpose(1, 2)
+        return _ShortcutLinear(bias, nu_hat_1, nu_hat_0)
 
 
 def _relu_terms(

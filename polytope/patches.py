@@ -528,13 +528,10 @@ class SparseRows(NamedTuple):
         return out.view(b, k, m)
 
     def rmatmul(self, coef: torch.Tensor) -> torch.Tensor:
-        """``coef @ rows`` for ``coef: (B, m, K)``, ``(B, m, width)``: the ``K R`` scaled rows of ``coef``
-        added into place (``index_add``), ``R / width`` of the dense product's work."""
-        b, m = coef.shape[:2]
-        src = self.vals.unsqueeze(3) * coef.transpose(1, 2).unsqueeze(2)  # (B, K, R, m)
-        at = (self.cols + torch.arange(b, device=self.cols.device).view(b, 1, 1) * self.width).flatten()
-        out = coef.new_zeros(b * self.width, m).index_add_(0, at, src.reshape(-1, m))
-        return out.view(b, self.width, m).transpose(1, 2)
+        """``coef @ rows`` for ``coef: (B, m, K)``, ``(B, m, width)``, through the rows made dense (``K`` is
+        small: a scatter of ``K R`` values, then one batched product)."""
+        dense = self.vals.new_zeros(*self.cols.shape[:2], self.width).scatter_add(2, self.cols, self.vals)
+        return coef @ dense
 
 
 def transpose_rows(op: Conv2dOp, in_shape: Shape, out_shape: Shape, units: torch.Tensor) -> SparseRows:
@@ -559,6 +556,42 @@ def position_major_index(units: torch.Tensor, shape: Shape) -> torch.Tensor:
     """Flat unit indices of a ``(C, H, W)`` layer, in ``(H, W, C)`` order."""
     positions = shape[1] * shape[2]
     return (units % positions) * shape[0] + units // positions
+
+
+@lru_cache(maxsize=64)
+def _patch_index(geometry: PatchGeometry, out_shape: Shape, in_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every unit of a ``out_shape`` layer, the input units under its patch entries.
+
+    Returns ``(in_index, valid)``, each ``(U, C K K)``; entries off the input are not valid
+    (and point at unit 0).
+    """
+    c_out, h_o, w_o = out_shape
+    c_in, h_in, w_in = in_shape
+    k, s, p = geometry.size, geometry.stride, geometry.padding
+    ih = np.arange(h_o)[:, None] * s - p + np.arange(k)[None, :]  # (h_o, K)
+    iw = np.arange(w_o)[:, None] * s - p + np.arange(k)[None, :]
+    ci = np.arange(c_in)[None, None, :, None, None]
+    # axes: (ho, wo, ci, ky, kx)
+    valid = ((ih >= 0) & (ih < h_in))[:, None, None, :, None] & ((iw >= 0) & (iw < w_in))[None, :, None, None, :]
+    index = (ci * h_in + ih[:, None, None, :, None]) * w_in + iw[None, :, None, None, :]
+    full = (h_o, w_o, c_in, k, k)
+    valid = np.broadcast_to(valid, full).reshape(1, h_o * w_o, -1)
+    index = np.where(valid, np.broadcast_to(index, full).reshape(1, h_o * w_o, -1), 0)
+    valid, index = (np.broadcast_to(t, (c_out, *t.shape[1:])).reshape(c_out * h_o * w_o, -1) for t in (valid, index))
+    return torch.from_numpy(index.copy()), torch.from_numpy(valid.copy())
+
+
+def patch_rows(terms: PatchTerms, out_shape: Shape, in_shape: Shape, units: torch.Tensor) -> SparseRows:
+    """The patches ``nu_hat_1(u)`` of selected units ``units: (B, K)`` as rows of the input, at most ``P``
+    nonzeros each (``units`` are flat indices in the layer's ``(C, H, W)`` order).
+
+    ``fold_patches`` of a ``w`` supported on those units is then ``rows.rmatmul(w)``.
+    """
+    index, valid = (t.to(units.device)[units] for t in _patch_index(terms.geometry, out_shape, in_shape))
+    positions = out_shape[1] * out_shape[2]
+    examples = torch.arange(units.shape[0], device=units.device).unsqueeze(1)
+    patches = terms.nu_hat_1[examples, units % positions, :, units // positions]  # (B, K, P)
+    return SparseRows(index, patches * valid.to(patches.dtype), numel(in_shape))  # entries off the input: 0
 
 
 def fold_patches(w: torch.Tensor, terms: PatchTerms, in_shape: Shape, out_hw: tuple[int, int]) -> torch.Tensor:
