@@ -401,7 +401,7 @@ def prefix_pair_bounds(
     taps = torch.topk(mask, kp, dim=2, sorted=False).indices  # every unstable tap, padded: (B, L, kp)
     diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
     transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
-    rows = (transpose[taps] * diff.unsqueeze(3)).transpose(2, 3)  # (B, L, P, kp)
+    rows = transpose[taps].transpose(2, 3)  # (B, L, P, kp); the slope differences go on the parts
     centre = linear.geometry.unfold((lo + hi) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)  # (B, L, 1, P)
     radius = linear.geometry.unfold((hi - lo) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)
     lin = linear.nu_hat_1
@@ -418,7 +418,7 @@ def prefix_pair_bounds(
     out = []
     for sign, part, relu, bias in ((1.0, w.clamp_min(0), linear.relu, linear.bias - shift[:, :, :c_out]),
                                    (-1.0, w.clamp_max(0), linear.relu_neg, -linear.bias - shift[:, :, c_out:])):
-        part_taps = part[taps]  # (B, L, kp, C)
+        part_taps = part[taps] * diff.unsqueeze(3)  # (B, L, kp, C)
         spread = []
         for s in range(0, max(batch, 1), PAIR_GROUP):
             g = torch.baddbmm(lin[s:s + PAIR_GROUP].flatten(0, 1), rows[s:s + PAIR_GROUP].flatten(0, 1),
