@@ -14,7 +14,7 @@ from polytope.parallel import map_chunks
 from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
 
-MARGIN_CHUNK = 8
+MARGIN_CHUNK = 16
 """Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
 tensor is reused from the allocator's free lists instead of fresh (page-faulting) memory."""
 
