@@ -165,14 +165,10 @@ def _signed_interval(apply, weight: torch.Tensor, bias: torch.Tensor | None, lo:
     """``apply(x, W, b)`` over the box ``[lo, hi]``: ``W+ lo + W- hi + b`` and ``W+ hi + W- lo + b``.
 
     Exact for one linear map, and computed without the cancellation of the centre-radius form
-    (``W m +- |W| r`` loses ``|W| r`` digits on units whose true bound is small).  One call of
-    ``apply``: the inputs ``(lo, hi)`` and ``(hi, lo)`` side by side on the input-feature axis,
-    against ``(W+, W-)``, and both bounds stacked on the batch axis.
+    (``W m +- |W| r`` loses ``|W| r`` digits on units whose true bound is small).
     """
-    signed = torch.cat([weight.clamp_min(0), weight.clamp_max(0)], 1)
-    both = torch.cat([torch.cat([lo, hi], 1), torch.cat([hi, lo], 1)])
-    out = apply(both, signed, bias)
-    return out[:lo.shape[0]], out[lo.shape[0]:]
+    pos, neg = weight.clamp_min(0), weight.clamp_max(0)
+    return apply(lo, pos, bias) + apply(hi, neg, None), apply(hi, pos, bias) + apply(lo, neg, None)
 
 
 Op = LinearOp | Conv2dOp | FlattenOp | BatchNormOp

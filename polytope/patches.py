@@ -344,10 +344,10 @@ def _first_relu_terms(
 
     pos, neg = kernel.clamp_min(0), (-kernel).clamp_min(0)
     b_map = bias.reshape(1, -1, 1, 1)
+    relu = conv(lower * d, pos)
     if a is None:
-        relu, relu_neg = conv(lower * d, torch.cat([pos, neg])).chunk(2, 1)
-        return relu, relu_neg, conv(d * b_map, kernel)
-    return conv(lower * d, pos), None, conv(torch.cat([d * b_map, -a * b_map], 1), torch.cat([pos, neg], 1))
+        return relu, conv(lower * d, neg), conv(d * b_map, kernel)
+    return relu, None, conv(d * b_map, pos) - conv(a * b_map, neg)
 
 
 def patch_box_terms(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor,
