@@ -415,19 +415,23 @@ def prefix_pair_bounds(
     shift = F.conv2d((lower_slope - upper_slope) * _channel_bias(op0, weight).reshape(1, -1, 1, 1),
                      torch.cat([weight.clamp_min(0), (-weight).clamp_min(0)]), None, m1.stride, m1.padding)
     shift = _position_major(shift)  # (B, L, 2C)
-    out = []
-    for sign, part, relu, bias in ((1.0, w.clamp_min(0), linear.relu, linear.bias - shift[:, :, :c_out]),
-                                   (-1.0, w.clamp_max(0), linear.relu_neg, -linear.bias - shift[:, :, c_out:])):
-        part_taps = part[taps] * diff.unsqueeze(3)  # (B, L, kp, C)
-        spread = []
-        for s in range(0, max(batch, 1), PAIR_GROUP):
-            g = torch.baddbmm(lin[s:s + PAIR_GROUP].flatten(0, 1), rows[s:s + PAIR_GROUP].flatten(0, 1),
-                              part_taps[s:s + PAIR_GROUP].flatten(0, 1), alpha=-1)  # lin - corr
+    signs = (1.0, -1.0)
+    parts = [part[taps] * diff.unsqueeze(3) for part in (w.clamp_min(0), w.clamp_max(0))]  # (B, L, kp, C)
+    spreads: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for s in range(0, max(batch, 1), PAIR_GROUP):  # both signs while the group's patches are in cache
+        lin_g, rows_g = lin[s:s + PAIR_GROUP].flatten(0, 1), rows[s:s + PAIR_GROUP].flatten(0, 1)
+        for part_taps, spread in zip(parts, spreads, strict=True):
+            g = torch.baddbmm(lin_g, rows_g, part_taps[s:s + PAIR_GROUP].flatten(0, 1), alpha=-1)  # lin - corr
             g = g.abs() if tracked else g.abs_()
             spread.append(radius[s:s + PAIR_GROUP].flatten(0, 1) @ g)
-        spread = torch.cat(spread).reshape(batch, h_o * w_o, c_out)
+    out = []
+    for sign, part_taps, spread, relu, bias in zip(
+        signs, parts, spreads, (linear.relu, linear.relu_neg),
+        (linear.bias - shift[:, :, :c_out], -linear.bias - shift[:, :, c_out:]), strict=True,
+    ):
+        spread_sum = torch.cat(spread).reshape(batch, h_o * w_o, c_out)
         linear_term = sign * (centre_lin - centre_rows @ part_taps).squeeze(2)  # <nu_hat_1, m>
-        value = -(bias + linear_term) - spread + relu  # J(sign e_u), eq. (6)
+        value = -(bias + linear_term) - spread_sum + relu  # J(sign e_u), eq. (6)
         out.append(value if sign > 0 else -value)
     return out[0], out[1]
 
