@@ -365,73 +365,68 @@ def patch_box_terms(terms: PatchTerms, lo: torch.Tensor, hi: torch.Tensor,
     return linear, spread
 
 
-PAIR_GROUP = 2
-"""Examples per step of :func:`prefix_pair_bounds`: one step's ``(L, P, C)`` patches stay in cache."""
-
-
-def prefix_pair_bounds(
+def prefix_unit_bounds(
     ops: list[Conv2dOp], out_shape: Shape, linear: PatchTerms, relax_unstable: torch.Tensor,
     upper_slope: torch.Tensor, lower_slope: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+    units: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds ``(B, L, C)`` of every unit of a two-convolution prefix over the box ``[lo, hi]``.
+    """Lower and upper bounds ``(B, K)`` of selected units of a two-convolution prefix over the box ``[lo, hi]``.
 
-    They are ``J(e_u)`` and ``-J(-e_u)`` of ``patch_backward(ops, out_shape, [d], [l], [a], sign)``
-    (``linear`` is its pass with ``a = d``, ``sign = +1``).
-    With ``W`` the second kernel, eq. (7) gives ``nu = -d W - (a - d) [W]_+`` for ``sign = +1`` and
-    ``nu = d W + (a - d) [W]_-`` for ``sign = -1``, so both ``nu_hat_1`` are the linear pass
-    (``linear``: ``alpha = d``, ``sign = +1``) minus ``(a - d) [W]_+- T`` (up to sign).  ``a - d``
-    vanishes off the unstable set ``relax_unstable`` of the first ReLU, so each output position
-    needs only the few unstable units of its receptive field: a small product per position instead
-    of a full pass.  Of each ``nu_hat_1`` only ``<nu_hat_1, m>`` (linear: from the products'
-    factors) and ``<|nu_hat_1|, r>`` are needed, for the box's centre ``m`` and radius ``r``; the
-    latter is formed :data:`PAIR_GROUP` examples at a time, so the full-size patches never leave
-    the cache.
+    ``units: (B, K)`` are position-major flat indices ``L C + c``.  The bounds are ``J(e_u)`` and
+    ``-J(-e_u)`` of ``patch_backward(ops, out_shape, [d], [l], [a], sign)`` (``linear`` is its pass
+    with ``a = d``, ``sign = +1``).  With ``W`` the second kernel, eq. (7) gives
+    ``nu = -d W - (a - d) [W]_+`` for ``sign = +1`` and ``nu = d W + (a - d) [W]_-`` for
+    ``sign = -1``, so both ``nu_hat_1`` are the linear pass's patch minus (up to sign)
+    ``sum_t (a_t - d_t) [W_t]_+- T_t`` over the unstable taps ``t`` of the first ReLU under the
+    unit's receptive field, ``T_t`` the first kernel's transpose at tap ``t``: a weighted sum of a
+    few rows of a small table per unit (``embedding_bag``).  Of ``nu_hat_1`` only ``<nu_hat_1, m>``
+    and ``<|nu_hat_1|, r>`` are needed, for the box's centre ``m`` and radius ``r``.
     """
     op0, op1 = ops
     weight = op1.module.weight
     c_out, h_o, w_o = out_shape
-    batch = upper_slope.shape[0]
+    batch, k = units.shape
     field = _last_geometry(op1)
 
     def unfold(t: torch.Tensor) -> torch.Tensor:
         return field.unfold(t, (h_o, w_o)).reshape(batch, h_o * w_o, -1)  # (B, L, C_0 k k)
 
+    examples = torch.arange(batch, device=units.device).unsqueeze(1)
+    at, channel = units // c_out, units % c_out  # position and channel of each unit, (B, K)
     mask = unfold(relax_unstable.to(weight.dtype))
     kp = int(mask.sum(2).max()) if mask.numel() else 0
     taps = torch.topk(mask, kp, dim=2, sorted=False).indices  # every unstable tap, padded: (B, L, kp)
-    diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)
-    transpose = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
-    rows = transpose[taps].transpose(2, 3)  # (B, L, P, kp); the slope differences go on the parts
-    centre = linear.geometry.unfold((lo + hi) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)  # (B, L, 1, P)
-    radius = linear.geometry.unfold((hi - lo) / 2, (h_o, w_o)).flatten(3).flatten(1, 2).unsqueeze(2)
-    lin = linear.nu_hat_1
-    centre_lin = centre @ lin  # (B, L, 1, C)
-    centre_rows = centre @ rows  # (B, L, 1, kp)
+    diff = torch.gather(unfold(lower_slope - upper_slope) * mask, 2, taps)[examples, at]  # (B, K, kp)
+    taps = taps[examples, at]
+    table = _patch_transpose_matrix(op0, tuple(weight.shape[1:]))  # (C_0 k k, P)
+    geometry = linear.geometry
+    centre = geometry.unfold((lo + hi) / 2, (h_o, w_o)).flatten(3).flatten(1, 2)[examples, at]  # (B, K, P)
+    radius = geometry.unfold((hi - lo) / 2, (h_o, w_o)).flatten(3).flatten(1, 2)[examples, at]
+    lin = linear.nu_hat_1[examples, at, :, channel]  # (B, K, P)
     w = weight.flatten(1).T  # (C_0 k k, C)
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (lin, rows, weight))
     # eq. (6)'s first-layer terms: the ReLU terms are the linear pass's (they use the upper line
     # only); the bias terms differ from it by (a - d) b_0 convolved with [W]_+ (sign +1) or [-W]_+
     m1 = op1.module
     shift = F.conv2d((lower_slope - upper_slope) * _channel_bias(op0, weight).reshape(1, -1, 1, 1),
                      torch.cat([weight.clamp_min(0), (-weight).clamp_min(0)]), None, m1.stride, m1.padding)
     shift = _position_major(shift)  # (B, L, 2C)
-    signs = (1.0, -1.0)
-    parts = [part[taps] * diff.unsqueeze(3) for part in (w.clamp_min(0), w.clamp_max(0))]  # (B, L, kp, C)
-    spreads: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for s in range(0, max(batch, 1), PAIR_GROUP):  # both signs while the group's patches are in cache
-        lin_g, rows_g = lin[s:s + PAIR_GROUP].flatten(0, 1), rows[s:s + PAIR_GROUP].flatten(0, 1)
-        for part_taps, spread in zip(parts, spreads, strict=True):
-            g = torch.baddbmm(lin_g, rows_g, part_taps[s:s + PAIR_GROUP].flatten(0, 1), alpha=-1)  # lin - corr
-            g = g.abs() if tracked else g.abs_()
-            spread.append(radius[s:s + PAIR_GROUP].flatten(0, 1) @ g)
+
+    def per_unit(t: torch.Tensor, offset: int = 0) -> torch.Tensor:  # (B, L, C') at the units' (L, c), (B, K)
+        return t[examples, at, channel + offset]
+
     out = []
-    for sign, part_taps, spread, relu, bias in zip(
-        signs, parts, spreads, (linear.relu, linear.relu_neg),
-        (linear.bias - shift[:, :, :c_out], -linear.bias - shift[:, :, c_out:]), strict=True,
-    ):
-        spread_sum = torch.cat(spread).reshape(batch, h_o * w_o, c_out)
-        linear_term = sign * (centre_lin - centre_rows @ part_taps).squeeze(2)  # <nu_hat_1, m>
-        value = -(bias + linear_term) - spread_sum + relu  # J(sign e_u), eq. (6)
+    for sign, part, relu, bias in ((1.0, w.clamp_min(0), linear.relu, per_unit(linear.bias) - per_unit(shift)),
+                                   (-1.0, w.clamp_max(0), linear.relu_neg,
+                                    -per_unit(linear.bias) - per_unit(shift, c_out))):
+        if kp and k:
+            weights = part[taps, channel.unsqueeze(2)] * diff  # (B, K, kp)
+            corr = F.embedding_bag(taps.reshape(-1, kp), table, per_sample_weights=weights.reshape(-1, kp),
+                                   mode="sum").view(batch, k, -1)
+            g = lin - corr  # nu_hat_1 (sign +1), -nu_hat_1 (sign -1)
+        else:
+            g = lin
+        linear_term = sign * (centre * g).sum(2)  # <nu_hat_1, m>
+        value = -(bias + linear_term) - (radius * g.abs()).sum(2) + per_unit(relu)  # J(sign e_u), eq. (6)
         out.append(value if sign > 0 else -value)
     return out[0], out[1]
 

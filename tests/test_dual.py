@@ -722,21 +722,27 @@ def test_recorded_linear_tail_changes_no_objective(kind, data):
 @fast(12)
 def test_adaptive_layer_bounds_are_intervals_tightened_by_the_dual(case, order):
     """Slope modes other than fixed: each ReLU layer after the first gets the interval bounds from the
-    box ``[relu(l), relu(u)]`` below it (computed here from dense maps), and on the units those leave
-    unstable their intersection with the dual's own bounds (the dual run on every unit)."""
+    box ``[relu(l), relu(u)]`` below it (computed here from dense maps); on a layer the receptive-field
+    order applies to, the fixed-slope dual's on the units those leave unstable; then the mode's own
+    dual's on the units still unstable (each dual run here on every unit)."""
     dual = pt.DualNetwork(case.net, case.x, case.input_set, slopes="adaptive", order=order)
     segments = affine_segments(case.seq, case.x)
+
+    def tighten(lo, up, lo_d, up_d):
+        open_ = (lo < 0) & (up > 0)
+        return torch.where(open_, torch.maximum(lo, lo_d), lo), torch.where(open_, torch.minimum(up, up_d), up)
+
     for i in range(1, len(dual.bounds)):
         lo_prev, up_prev = (t.detach().flatten(1).clamp_min(0) for t in dual.bounds[i - 1])
         a, b = (torch.from_numpy(t) for t in segments[i])
         pos, neg = a.clamp_min(0), a.clamp_max(0)
-        lo_i, up_i = lo_prev @ pos.T + up_prev @ neg.T + b, up_prev @ pos.T + lo_prev @ neg.T + b
-        lo, up = (t.detach().flatten(1) for t in dual.bounds[i])
-        open_ = (lo_i < 0) & (up_i > 0)
+        lo, up = lo_prev @ pos.T + up_prev @ neg.T + b, up_prev @ pos.T + lo_prev @ neg.T + b
         units = torch.arange(lo.shape[1]).expand(lo.shape[0], -1)
-        lo_d, up_d = (t.detach() for t in dual._unit_bounds(i, units, torch.ones_like(units, dtype=torch.bool)))
-        torch.testing.assert_close(lo, torch.where(open_, torch.maximum(lo_i, lo_d), lo_i), atol=1e-9, rtol=1e-9)
-        torch.testing.assert_close(up, torch.where(open_, torch.minimum(up_i, up_d), up_i), atol=1e-9, rtol=1e-9)
+        if dual._patches_apply(i):
+            lo, up = tighten(lo, up, *(t.detach() for t in dual._fixed_unit_bounds(i, units)))
+        lo, up = tighten(lo, up, *(t.detach() for t in dual._unit_bounds(i, units, torch.ones_like(units).bool())))
+        torch.testing.assert_close(dual.bounds[i][0].detach().flatten(1), lo, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(dual.bounds[i][1].detach().flatten(1), up, atol=1e-9, rtol=1e-9)
 
 
 def test_interval_screen_skips_the_settled_units_of_a_dense_layer(monkeypatch):
