@@ -668,7 +668,8 @@ def _two_conv_net(seed: int) -> nn.Sequential:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_prefix_shortcut_with_slopes_matches_the_plain_backward_pass(seed):
-    """Non-``d`` slopes on the conv prefix (the pair trick, sparse corrections) change no number or gradient."""
+    """Non-``d`` slopes on the conv prefix (per-unit bounds, sparse corrections, the kept pass) change no number
+    or gradient."""
     net = pt.Network.from_torch(_two_conv_net(seed))
     gen = torch.Generator().manual_seed(100 + seed)
     x = torch.rand(3, 1, 12, 12, generator=gen, dtype=DTYPE)
