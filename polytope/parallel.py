@@ -9,6 +9,7 @@ on a 2-core CPU (``benchmarks/``).  Results are the same numbers in the same ord
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -23,11 +24,12 @@ def map_chunks(fn: Callable[[int], T], size: int, chunk: int, device: torch.devi
 
     Each worker thread runs under the caller's autograd mode (grad, no-grad or inference mode
     are thread-local in torch), so a graph built in the workers backpropagates from the caller.
-    On other devices, or with one thread or one chunk, the chunks run in order in this thread.
+    On other devices, with one thread or one chunk, or while something observes this thread
+    (:func:`_observed`), the chunks run in order in this thread.
     """
     starts = list(range(0, max(size, 1), chunk))
     workers = min(torch.get_num_threads(), len(starts))
-    if device.type != "cpu" or workers <= 1:
+    if device.type != "cpu" or workers <= 1 or _observed():
         return [fn(s) for s in starts]
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
@@ -37,3 +39,12 @@ def map_chunks(fn: Callable[[int], T], size: int, chunk: int, device: torch.devi
 
     with ThreadPoolExecutor(workers, thread_name_prefix="polytope") as pool:
         return list(pool.map(run, starts))
+
+
+def _observed() -> bool:
+    """A torch dispatch or function mode (``FlopCounterMode``, fake tensors), the torch profiler, or a
+    Python profiler or tracer (cProfile, coverage, a debugger) is active: all of them see this
+    thread only, so work moved to other threads would escape them."""
+    return (torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
+            or torch.autograd.profiler._is_profiler_enabled or sys.getprofile() is not None
+            or sys.gettrace() is not None)

@@ -69,3 +69,20 @@ def test_chunks_keep_their_order_and_errors_reach_the_caller(two_threads):
 
     with pytest.raises(pt.InvalidInputError, match="chunk 8"):
         map_chunks(fail, 20, 8, device)
+
+
+def test_observed_calls_run_in_the_callers_thread(two_threads):
+    """A dispatch mode (here the FLOP counter) sees the work of a serial run: no chunk escapes it.
+
+    (Equal to a few units: intra-op threads round reductions differently, which can move a unit
+    across a bound and change a padded size.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, net, x, y = _case()
+    counts = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            pt.margin_bounds(net, x, y, pt.LinfBall(0.05), slopes="adaptive")
+        counts.append(counter.get_total_flops())
+    assert counts[1] > 0 and abs(counts[0] - counts[1]) <= 0.01 * counts[1]
