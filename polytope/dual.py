@@ -294,18 +294,22 @@ class DualNetwork:
             r = self.relaxations[i - 1]
             a = None if slopes is None else slopes[i - 1]
             index, valid = r.unstable_index
-            lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+            lower = _on_units(r.lower_unstable, index) * valid.unsqueeze(1)
             if i == 2 and self._shortcut_applies:
-                v = torch.gather(nu_hat.flatten(2).expand(batch, -1, -1), 2, index.unsqueeze(1).expand(-1, m, -1))
-                d_u, a_u = _on_units(r.upper_slope, index), _on_units(r.upper_slope if a is None else a, index)
+                v = _on_units(nu_hat.expand(batch, *nu_hat.shape[1:]), index, True)  # (B, m, K)
+                d_u = _on_units(r.upper_slope, index)
+                a_u = d_u if a is None else _on_units(a, index, a.dim() == nu_hat.dim())  # (B, 1 or m, K)
+                # eq. (7): nu = d nu_hat + corr there, corr = (a - d) [nu_hat]_- (0 when linear)
+                corr = None if a is None else (a_u - d_u) * v.clamp_max(0) * valid.unsqueeze(1)
                 if mode_slopes and self._slope_tail is not None:
-                    linear = self._slope_tail.finish(self, nu, v, d_u, a_u)
+                    linear = self._slope_tail.finish(self, nu, corr)
                 else:
-                    w = _scaled_position_major(nu_hat, r, a, batch)  # (B, L, C, m): the shortcut's -nu
+                    w = _scaled_position_major(nu_hat, r, corr, batch)  # (B, L, C, m): the shortcut's -nu
                     linear = self._shortcut_linear(w)
                     if keep is not None:
-                        self._slope_tail = _SlopeTail.record(keep, linear, v, d_u, a_u)
-                nu_u = torch.where(v >= 0, d_u, a_u) * v * valid.unsqueeze(1)  # eq. (7) on the unstable units
+                        self._slope_tail = _SlopeTail.record(keep, linear, corr)
+                nu_u = d_u * v * valid.unsqueeze(1)  # eq. (7) on the unstable units
+                nu_u = nu_u if corr is None else nu_u + corr
                 relu, relu_neg = _relu_terms(lower, nu_u, relu, relu_neg, record)
                 return self._first_layer(bias + linear.bias, linear.nu_hat_1, linear.nu_hat_0, relu, relu_neg, slopes,
                                          record)
@@ -378,14 +382,13 @@ class DualNetwork:
         """
         r = self.relaxations[0]
         index, valid = r.unstable_index
-        d = torch.gather(r.upper_slope.flatten(1), 1, index).unsqueeze(1)
-        lower = (torch.gather(r.lower_unstable.flatten(1), 1, index) * valid).unsqueeze(1)
+        d = _on_units(r.upper_slope, index)
+        lower = _on_units(r.lower_unstable, index) * valid.unsqueeze(1)
         if slopes is None:
             nu_0 = d * nu_hat_0
         else:
-            a = slopes[0].flatten(slopes[0].dim() - len(self.shapes[1]))
-            a = torch.gather(a, a.dim() - 1, index if a.dim() == 2 else index.unsqueeze(1).expand(*a.shape[:2], -1))
-            nu_0 = torch.where(nu_hat_0 >= 0, d, a if a.dim() == 3 else a.unsqueeze(1)) * nu_hat_0
+            a = _on_units(slopes[0], index, slopes[0].dim() > r.upper_slope.dim())
+            nu_0 = torch.where(nu_hat_0 >= 0, d, a) * nu_hat_0
             # nu_0 - d nu_hat_0 lives on the unstable units: add W_1^T of it and its bias term
             delta = (nu_0 - d * nu_hat_0) * valid.unsqueeze(1)
             rows = kernel_rows(self.net.layers[0].ops[0], self.shapes[0], self.shapes[1], index)
@@ -456,10 +459,8 @@ class DualNetwork:
         The pass of the third layer's units through the shortcut is kept (:class:`_SlopeTail`) when
         every unit that a later pass can reach is among them (``valid``: not padding).
         """
-        shape = self.shapes[i + 1]
-        eye = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype)  # (B, k, n)
-        k = units.shape[1]
-        c = torch.cat([eye, -eye], 1).reshape(units.shape[0], 2 * k, *shape)
+        eye, k = self._unit_objectives(i, units), units.shape[1]
+        c = torch.cat([eye, -eye], 1)
         keep = (units, valid) if i == 2 and self._shortcut_applies else None
         j = self._value(self._backward(c, i + 1, self.default_alpha()[:i], keep=keep, mode_slopes=True))
         return j[:, :k], -j[:, k:]
@@ -499,10 +500,13 @@ class DualNetwork:
     def _fixed_unit_bounds(self, i: int, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``J(e_u)`` and ``-J(-e_u)`` with fixed slopes (one linear pass) for the units ``units: (B, k)``
         of layer ``i``."""
-        shape = self.shapes[i + 1]
-        c = torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype).reshape(*units.shape, *shape)
-        lower, neg_upper = self._value_pair(self._backward(c, i + 1, None))
+        lower, neg_upper = self._value_pair(self._backward(self._unit_objectives(i, units), i + 1, None))
         return lower, -neg_upper
+
+    def _unit_objectives(self, i: int, units: torch.Tensor) -> torch.Tensor:
+        """``c = e_u`` on the output of layer ``i`` for the units ``units: (B, k)``, as ``(B, k, *shape)``."""
+        shape = self.shapes[i + 1]
+        return torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype).reshape(*units.shape, *shape)
 
     def _patches_apply(self, i: int) -> bool:
         return i > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall) and conv_prefix(self.net, i) is not None
@@ -683,9 +687,11 @@ class _ShortcutLinear(NamedTuple):
     nu_hat_0: torch.Tensor
 
 
-def _on_units(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-unit values ``t: (B, *shape)`` at flat units ``index: (B, K)``, as ``(B, 1, K)``."""
-    return torch.gather(t.flatten(1), 1, index).unsqueeze(1)
+def _on_units(t: torch.Tensor, index: torch.Tensor, per_objective: bool = False) -> torch.Tensor:
+    """Values of a layer ``t: (B, *shape)``, or ``(B, m, *shape)`` per objective, at the flat units
+    ``index: (B, K)``: ``(B, 1, K)`` or ``(B, m, K)``."""
+    flat = t.flatten(2) if per_objective else t.flatten(1).unsqueeze(1)
+    return torch.gather(flat, 2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -693,11 +699,11 @@ class _SlopeTail:
     """The bound pass of the third layer's units ``units`` (``c = e_u``), kept at the second convolution's
     output, for the later passes in the same slope mode.
 
-    There ``w = -nu`` is ``-d v + corr(v)`` for ``v = W_3^T nu_3`` (``nu_3`` on the third layer's output),
-    with ``corr(v) = (d - a) [v]_-`` on the second ReLU layer's unstable set ``I_2`` (eq. 7).  ``v`` is
+    There ``w = -nu`` is ``-d v - corr(v)`` for ``v = W_3^T nu_3`` (``nu_3`` on the third layer's output),
+    with ``corr(v) = (a - d) [v]_-`` on the second ReLU layer's unstable set ``I_2`` (eq. 7).  ``v`` is
     linear in ``nu_3``; a later pass's ``nu_3`` lives on units whose upper bound is positive, all
-    among ``units``, so ``nu_3 = sum_j coef_j (-e_j)`` and
-    ``w = sum_j coef_j w_j + delta`` with ``delta = corr(v) - sum_j coef_j corr(v_j)`` on ``I_2`` only.
+    among ``units``, so ``nu_3 = sum_j coef_j (-e_j)`` and ``w = sum_j coef_j w_j + delta`` with
+    ``delta = sum_j coef_j corr(v_j) - corr(v)`` on ``I_2`` only.
     The maps of :meth:`DualNetwork._shortcut_linear` are linear, so the pass finishes with the kept
     maps of the ``w_j`` and those of ``delta`` (a few dozen sparse columns) instead of a fold.
     """
@@ -708,22 +714,19 @@ class _SlopeTail:
     corr: torch.Tensor  # corr(v_j) on I_2, (B, k, K_2)
 
     @classmethod
-    def record(cls, keep: tuple[torch.Tensor, torch.Tensor], linear: _ShortcutLinear, v: torch.Tensor,
-               d_u: torch.Tensor, a_u: torch.Tensor) -> _SlopeTail:
-        """Keep the first ``k`` objectives of a pass (``v``: its ``v`` on ``I_2``, ``(B, m, K_2)``)."""
+    def record(cls, keep: tuple[torch.Tensor, torch.Tensor], linear: _ShortcutLinear,
+               corr: torch.Tensor) -> _SlopeTail:
+        """Keep the first ``k`` objectives of a pass (``corr``: its ``corr(v)`` on ``I_2``, ``(B, m, K_2)``)."""
         units, valid = keep
         k = units.shape[1]
-        first = _ShortcutLinear(*(t[:, :k] for t in linear))
-        return cls(units, valid, first, (d_u - a_u) * v[:, :k].clamp_max(0))
+        return cls(units, valid, _ShortcutLinear(*(t[:, :k] for t in linear)), corr[:, :k])
 
-    def finish(self, dual: DualNetwork, nu: torch.Tensor, v: torch.Tensor, d_u: torch.Tensor,
-               a_u: torch.Tensor) -> _ShortcutLinear:
-        """The maps for ``nu: (B or 1, m, *shape)`` on the third layer's output, with ``v`` on ``I_2``."""
-        batch, m = v.shape[:2]
-        at = self.units.unsqueeze(1).expand(-1, m, -1)
-        coef = -torch.gather(nu.expand(batch, *nu.shape[1:]).flatten(2), 2, at) * self.valid.unsqueeze(1)
-        index, valid = dual.relaxations[1].unstable_index
-        delta = ((d_u - a_u) * v.clamp_max(0) - coef @ self.corr) * valid.unsqueeze(1)  # (B, m, K_2)
+    def finish(self, dual: DualNetwork, nu: torch.Tensor, corr: torch.Tensor) -> _ShortcutLinear:
+        """The maps for ``nu: (B or 1, m, *shape)`` on the third layer's output, with its ``corr(v)`` on ``I_2``."""
+        batch, m = corr.shape[:2]
+        coef = -_on_units(nu.expand(batch, *nu.shape[1:]), self.units, True) * self.valid.unsqueeze(1)  # (B, m, k)
+        index = dual.relaxations[1].unstable_index[0]
+        delta = coef @ self.corr - corr  # the w-space correction (w = -nu), (B, m, K_2), 0 on padded slots
         terms, shape = dual._prefix_terms, dual.shapes[2]
         pm = position_major_index(index, shape)
         bias = (coef @ self.linear.bias.unsqueeze(2)).squeeze(2) + rows_dot(
@@ -754,31 +757,26 @@ def _relu_terms(
     return relu, relu_neg
 
 
-def _scaled_position_major(nu_hat: torch.Tensor, r: Relaxation, a: torch.Tensor | None, batch: int) -> torch.Tensor:
+def _scaled_position_major(nu_hat: torch.Tensor, r: Relaxation, corr: torch.Tensor | None, batch: int) -> torch.Tensor:
     """``-nu`` of eq. (7)'s ReLU step ``nu = [nu_hat]_+ d - [nu_hat]_- a``, laid out ``(B, L, C, m)``.
 
-    ``nu_hat: (B or 1, m, C, H, W)`` (the sign goes on it, which may be shared); ``a = None`` is
-    linear (``alpha = d``), else ``(B, C, H, W)`` or per objective ``(B, m, C, H, W)``.  Per-unit
-    ``a`` differs from ``d`` on the unstable set only: ``nu = d nu_hat + (a - d) min(nu_hat, 0)``
-    there, added to the linear product at those units.
+    ``nu_hat: (B or 1, m, C, H, W)`` (the sign goes on it, which may be shared).  Slopes ``a`` other
+    than ``d`` differ from it on the unstable set ``I`` only: ``nu = d nu_hat + corr`` with
+    ``corr = (a - d) [nu_hat]_-`` there, given as ``(B, m, K)`` on :attr:`Relaxation.unstable_index`
+    (``None``: linear) and added to the linear product at those units.
     """
     def pm(t: torch.Tensor) -> torch.Tensor:  # (., C, H, W) -> (., L, C, 1); (., m, C, H, W) -> (., L, C, m)
         t = t.flatten(2).transpose(1, 2).unsqueeze(3) if t.dim() == 4 else t.flatten(3).permute(0, 3, 2, 1)
         return t.contiguous()  # small (a shared nu_hat, slopes): the product then comes out contiguous
 
     v = pm(nu_hat)
-    if a is not None and a.dim() == nu_hat.dim():  # per-objective slopes
-        return (torch.where(v >= 0, pm(r.upper_slope), pm(a)) * -v).expand(batch, *v.shape[1:])
     w = (pm(r.upper_slope) * -v).expand(batch, *v.shape[1:])
-    if a is None:
+    if corr is None:
         return w
-    index, valid = r.unstable_index
     m, shape = v.shape[3], tuple(r.lower.shape[1:])
-    at = position_major_index(index, shape).unsqueeze(2).expand(-1, -1, m)  # (B, K, m)
-    v_u = torch.gather(v.flatten(1, 2).expand(batch, -1, -1), 1, at)
-    d_u, a_u = (torch.gather(t.flatten(1), 1, index).unsqueeze(2) for t in (r.upper_slope, a))
-    corr = (d_u - a_u) * v_u.clamp_max(0) * valid.unsqueeze(2)
-    w.view(batch, -1, m).scatter_add_(1, at, corr)  # w is a fresh product (its inputs carry the gradient)
+    at = position_major_index(r.unstable_index[0], shape).unsqueeze(2).expand(-1, -1, m)  # (B, K, m)
+    # w is a fresh product (its inputs carry the gradient)
+    w.view(batch, -1, m).scatter_add_(1, at, -corr.transpose(1, 2))
     return w
 
 
