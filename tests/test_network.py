@@ -78,8 +78,8 @@ def test_nested_sequential_equals_flat():
     b = assert_sound(nested, x, input_set)
     assert pt.Network.from_torch(nested).n_relu == 2
     for (la, ua), (lb, ub) in zip(a.bounds, b.bounds, strict=True):
-        torch.testing.assert_close(la, lb, atol=0, rtol=0)
-        torch.testing.assert_close(ua, ub, atol=0, rtol=0)
+        torch.testing.assert_close(la, lb, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(ua, ub, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linf", "l2", "l1"])
