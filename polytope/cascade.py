@@ -25,6 +25,7 @@ from polytope.errors import PolytopeError, SolverError
 from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
+from polytope.precision import settle_in_float64
 from polytope.robust import margin_objective, worst_of
 from polytope.sets import InputSet
 from polytope.slopes import optimize_slopes
@@ -172,25 +173,36 @@ class Cascade:
 
     def _dual(self, rung: str, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict], open_: list[int],
               proven: torch.Tensor) -> None:
+        """A bound rung on the open examples; margins near zero are settled in float64 (the float policy)."""
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        xb, yb = x[idx], y[idx]
-        c = margin_objective(yb, proven.shape[1], x.dtype)
-        if rung == "optimized":
-            # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
-            c = c * (~proven[idx]).to(c.dtype).unsqueeze(2).to(c.device)
-            margins, _ = optimize_slopes(self.net, xb, self.input_set, c, steps=self.optimize_steps,
-                                         until_positive=True)
-            margins = torch.where(proven[idx].to(margins.device), torch.inf, margins)  # as the solver rungs
-        else:
-            with torch.no_grad():
-                slopes = "fixed" if rung == "dual" else "adaptive"
-                margins = DualNetwork(self.net, xb, self.input_set, slopes=slopes).objective(c)
-        margins = margins.detach().cpu()
+        xb, yb, done = x[idx], y[idx], proven[idx]
+
+        def exact(net64: Network, rows: torch.Tensor, x64: torch.Tensor, y64: torch.Tensor,
+                  input_set: InputSet) -> torch.Tensor:
+            return torch.where(done[rows], torch.inf, self._dual_margins(rung, net64, x64, y64, input_set, done[rows]))
+
+        margins = self._dual_margins(rung, self.net, xb, yb, self.input_set, done).cpu()
+        # the policy looks at the open targets only: a proven target's margin must not hide a near-zero one
+        open_margins = torch.where(done, torch.inf, margins)
+        settled = settle_in_float64(self.net, xb, yb, self.input_set, open_margins, exact, self.net64).cpu()
+        margins = torch.where(done, margins, settled)
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
             proven[k] |= margins[j] > 0
             self._record(verdicts[k], rung, margins[j], seconds, proven[k])
+
+    def _dual_margins(self, rung: str, net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet,
+                      done: torch.Tensor) -> torch.Tensor:
+        """``(b, n)`` margin bounds of a bound rung in ``net``'s dtype; targets already ``done`` count as ``inf``."""
+        c = margin_objective(y, done.shape[1], x.dtype)
+        if rung != "optimized":
+            with torch.no_grad():
+                return DualNetwork(net, x, input_set, slopes="fixed" if rung == "dual" else "adaptive").objective(c)
+        # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
+        c = c * (~done).to(c.dtype).unsqueeze(2).to(c.device)
+        margins, _ = optimize_slopes(net, x, input_set, c, steps=self.optimize_steps, until_positive=True)
+        return torch.where(done.to(margins.device), torch.inf, margins.detach())  # as the solver rungs
 
     def _record(self, v: Verdict, rung: str, margins: torch.Tensor, seconds: float, proven: torch.Tensor) -> None:
         v.margins[rung] = float(worst_of(margins.unsqueeze(0), torch.tensor([v.label]))[0])
