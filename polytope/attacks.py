@@ -216,7 +216,8 @@ def pgd_in_set(
     every iterate lies in the actual set -- the l2 or l1 ball, or the l_inf ball clipped to its
     domain box -- not in a bounding box.  Random starts are points of
     :meth:`~polytope.sets.InputSet.sample`; restarts are scored as in :func:`pgd`.  For a
-    :class:`~polytope.sets.LinfBall` this takes the same steps as :func:`pgd`.
+    :class:`~polytope.sets.LinfBall` a run from ``x`` takes the same steps as :func:`pgd` (random starts
+    differ: a sample of the set instead of uniform noise).
     """
     _check_inputs(x, y)
     _check_pgd(steps, step_size, restarts)
