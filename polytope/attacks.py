@@ -1,10 +1,12 @@
-"""l_inf attacks: FGSM and PGD (lower bounds on the robust error).
+"""Attacks: FGSM and PGD (lower bounds on the robust error).
 
 Conventions follow the paper's evaluation code: both attacks ascend the cross-entropy
 loss, FGSM takes one step of size ``eps`` along the gradient sign, PGD takes ``steps``
 signed steps of size ``step_size`` and projects back onto the l_inf ball after each one,
 returning the last iterate.  By default neither clips to a data domain (as in the
 paper); pass ``clip=(lo, hi)`` to stay inside a box such as ``[0, 1]``.
+:func:`pgd_in_set` runs PGD inside any :class:`~polytope.sets.InputSet` (l_inf, the clipped
+l_inf ball, l2, l1) with a step rule fitting its norm and the set's own projection.
 
 All tensors stay on the device and dtype of ``x``; the model is any callable module
 mapping ``(B, *in)`` to logits ``(B, classes)``.  Parameter gradients are never touched
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from polytope.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
+from polytope.sets import InputSet
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Bound = float | torch.Tensor
@@ -91,21 +94,43 @@ def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: Bound, clip: Box |
     return _project(x + eps_t * grad.sign(), x, eps_t, box).detach()
 
 
-def _pgd_run(
-    model: Model,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: torch.Tensor,
-    steps: int,
-    step_size: float,
-    start: torch.Tensor,
-    box: tuple | None,
-) -> torch.Tensor:
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _ascend(model: Model, y: torch.Tensor, steps: int, step_size: float, start: torch.Tensor,
+            direction: Step, project: Step) -> torch.Tensor:
+    """``steps`` steps ``x' <- project(x' + step_size * direction(grad CE))`` from ``start``; the last iterate."""
     x_adv = start
     for _ in range(steps):
         _, grad = _loss_and_grad(model, x_adv, y)
-        x_adv = _project(x_adv + step_size * grad.sign(), x, eps, box)
+        x_adv = project(x_adv + step_size * direction(grad))
     return x_adv
+
+
+def _best_run(model: Model, x: torch.Tensor, y: torch.Tensor, restarts: int,
+              run: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """``run(0), ..., run(restarts - 1)``; each example keeps a misclassifying run, else its highest loss."""
+    best = None
+    for r in range(restarts):
+        x_adv = run(r)
+        if restarts == 1:
+            return x_adv.detach()
+        mis, loss = _score(model, x_adv, y)
+        if best is None:
+            best, best_mis, best_loss = x_adv, mis, loss
+            continue
+        better = (mis & ~best_mis) | ((mis == best_mis) & (loss > best_loss))
+        mask = better.reshape(-1, *([1] * (x.dim() - 1)))
+        best = torch.where(mask, x_adv, best)
+        best_mis, best_loss = best_mis | mis, torch.where(better, loss, best_loss)
+    return best.detach()
+
+
+def _check_pgd(steps: int, step_size: float, restarts: int) -> None:
+    if steps < 0 or step_size <= 0 or not math.isfinite(step_size) or restarts < 1:
+        raise ValueError(
+            f"need steps >= 0, finite step_size > 0, restarts >= 1; got {steps}, {step_size}, {restarts}"
+        )
 
 
 def _random_start(x: torch.Tensor, eps: torch.Tensor, box: tuple | None, generator) -> torch.Tensor:
@@ -140,28 +165,71 @@ def pgd(
     loss.  ``generator`` seeds the random starts.
     """
     _check_inputs(x, y)
-    if steps < 0 or step_size <= 0 or not math.isfinite(step_size) or restarts < 1:
-        raise ValueError(
-            f"need steps >= 0, finite step_size > 0, restarts >= 1; got {steps}, {step_size}, {restarts}"
-        )
+    _check_pgd(steps, step_size, restarts)
     eps_t = _check_eps(eps, x)
     box = _check_clip(clip, x)
     x = x.detach()
-    best = None
-    for run in range(restarts):
-        start = _random_start(x, eps_t, box, generator) if (random_start or run > 0) else x
-        x_adv = _pgd_run(model, x, y, eps_t, steps, step_size, start, box)
-        if restarts == 1:
-            return x_adv.detach()
-        mis, loss = _score(model, x_adv, y)
-        if best is None:
-            best, best_mis, best_loss = x_adv, mis, loss
-            continue
-        better = (mis & ~best_mis) | ((mis == best_mis) & (loss > best_loss))
-        mask = better.reshape(-1, *([1] * (x.dim() - 1)))
-        best = torch.where(mask, x_adv, best)
-        best_mis, best_loss = best_mis | mis, torch.where(better, loss, best_loss)
-    return best.detach()
+
+    def run(r: int) -> torch.Tensor:
+        start = _random_start(x, eps_t, box, generator) if (random_start or r > 0) else x
+        return _ascend(model, y, steps, step_size, start, torch.sign, lambda z: _project(z, x, eps_t, box))
+
+    return _best_run(model, x, y, restarts, run)
+
+
+def steepest_direction(grad: torch.Tensor, p: float, l1_fraction: float = 0.05) -> torch.Tensor:
+    """A unit step (in the l_p norm) along which ``<grad, d>`` is largest, for each example.
+
+    ``p = inf``: ``sign(grad)``; ``p = 2``: ``grad / ||grad||_2``; ``p = 1``: a sparse step -- the
+    signs of the ``ceil(l1_fraction * n)`` largest ``|grad|`` coordinates, each ``1/k`` (the exact
+    steepest l1 step moves one coordinate; spreading over a few makes progress on wide inputs).
+    """
+    if p == math.inf:
+        return grad.sign()
+    g = grad.flatten(1)
+    if p == 2:
+        d = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    elif p == 1:
+        k = max(1, math.ceil(l1_fraction * g.shape[1]))
+        top = g.abs().topk(k, dim=1).indices
+        d = torch.zeros_like(g).scatter(1, top, g.gather(1, top).sign() / k)
+    else:
+        raise ValueError(f"no steepest step for the l_{p} norm")
+    return d.reshape(grad.shape)
+
+
+def pgd_in_set(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    input_set: InputSet,
+    steps: int = 100,
+    step_size: float = 0.01,
+    random_start: bool = False,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGD inside an :class:`~polytope.sets.InputSet`: steepest steps for its norm, then its own projection.
+
+    Each step is ``x' <- input_set.project(x, x' + step_size * d)`` with ``d`` from
+    :func:`steepest_direction` for the set's norm (``step_size`` is measured in that norm), so
+    every iterate lies in the actual set -- the l2 or l1 ball, or the l_inf ball clipped to its
+    domain box -- not in a bounding box.  Random starts are points of
+    :meth:`~polytope.sets.InputSet.sample`; restarts are scored as in :func:`pgd`.  For a
+    :class:`~polytope.sets.LinfBall` a run from ``x`` takes the same steps as :func:`pgd` (random starts
+    differ: a sample of the set instead of uniform noise).
+    """
+    _check_inputs(x, y)
+    _check_pgd(steps, step_size, restarts)
+    input_set.validate(x)
+    x = x.detach()
+
+    def run(r: int) -> torch.Tensor:
+        start = input_set.sample(x, 1, generator)[:, 0] if (random_start or r > 0) else x
+        return _ascend(model, y, steps, step_size, start, lambda g: steepest_direction(g, input_set.p),
+                       lambda z: input_set.project(x, z))
+
+    return _best_run(model, x, y, restarts, run)
 
 
 @torch.no_grad()

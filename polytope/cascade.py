@@ -1,8 +1,8 @@
 """The tightness ladder as a cascade: each example climbs only while it is undecided.
 
-Rungs, cheapest first: ``attack`` (PGD; a hit, checked by a float64 forward pass, is a
-counterexample), ``dual`` (the paper's bound), ``adaptive``, ``optimized`` (all layers'
-slopes), ``lp`` (eq. 19 with the dual's layer bounds), ``lp-all`` (LP-tightened layer bounds)
+Rungs, cheapest first: ``attack`` (PGD inside the actual set; a hit, checked for membership
+and by a float64 forward pass, is a counterexample), ``dual`` (the paper's bound), ``adaptive``,
+``optimized`` (all layers' slopes), ``lp`` (eq. 19 with the dual's layer bounds), ``lp-all`` (LP-tightened layer bounds)
 and ``milp`` (exact, big-M with HiGHS, stopped at the threshold 0).  A target ``j`` proven
 (``f_y - f_j > 0`` over the ball) on one rung stays proven; an example is ``certified`` when
 all its targets are, ``not_robust`` when a verified counterexample exists, and otherwise
@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from polytope.attacks import pgd
+from polytope.attacks import pgd_in_set
 from polytope.dual import DualNetwork
 from polytope.errors import PolytopeError, SolverError
 from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
+from polytope.precision import settle_in_float64
 from polytope.robust import margin_objective, worst_of
 from polytope.sets import InputSet
 from polytope.slopes import optimize_slopes
@@ -33,7 +34,7 @@ RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
 
 
 class CounterexampleError(PolytopeError, RuntimeError):
-    """A counterexample from an attack or the MILP that a float64 forward pass does not confirm."""
+    """A counterexample from an attack or the MILP outside the set, or not confirmed by a float64 forward pass."""
 
 
 @dataclass
@@ -67,23 +68,45 @@ def _margin64(net64: Network, point: torch.Tensor, label: int) -> float:
     return float(f[label] - others.max())
 
 
-def verified_point(net64: Network, x: torch.Tensor, point: torch.Tensor, label: int,
-                    input_set: InputSet, index: int, tol: float = 1e-6) -> np.ndarray | None:
-    """``point`` clamped into the set in float64 when it is misclassified there (margin ``<= 0``).
+MEMBERSHIP_TOL = 1e-6
+"""Relative allowance for a counterexample just outside the set (see :func:`verified_point`)."""
 
-    Returns ``None`` when the clamped point is not misclassified (a borderline attack); raises
-    :class:`CounterexampleError` when ``point`` lies farther than ``tol`` outside the set or is far
-    from misclassified (a solver's point that does not reproduce is a bug, never a verdict).
+PROJECTED_TOL = 1e-12
+"""Relative allowance for a float64 point after the set's own projection (its rounding only)."""
+
+
+def _allowance(input_set: InputSet, x64: torch.Tensor, rel: float) -> torch.Tensor:
+    """``rel * (1 + ||x||_p + eps)``: a tolerance on ``||p - x||_p`` at the scale of the numbers involved."""
+    return rel * (1 + input_set.norm(x64) + input_set.radius(x64))
+
+
+def verified_point(net64: Network, x: torch.Tensor, point: torch.Tensor, label: int,
+                    input_set: InputSet, index: int, tol: float = MEMBERSHIP_TOL) -> np.ndarray | None:
+    """``point`` as a float64 counterexample in ``S(x)`` when it is misclassified there (margin ``<= 0``).
+
+    Membership is tested in float64 on the actual set (:meth:`InputSet.contains`: the l_p ball,
+    intersected with the domain box of :class:`~polytope.sets.BoxedLinfBall`).  A point farther
+    than ``r * (1 + ||x||_p + eps)`` outside, ``r = max(tol, n * machine-eps(point.dtype))`` for ``n``
+    inputs, raises :class:`CounterexampleError` (that allowance covers the rounding of a float32
+    attack's projection and a solver's feasibility tolerance; anything beyond is a bug, never a
+    verdict).  A point within it is projected with ``input_set.project`` in
+    float64 and must then lie in the set up to :data:`PROJECTED_TOL` (relative, as above).
+    Returns ``None`` when the projected point is not misclassified (a borderline attack); raises
+    when it is far from misclassified (a solver's point that does not reproduce).
     """
-    lo, hi = input_set.box(x.reshape(1, *x.shape).double())
-    p = point.detach().cpu().double().reshape(lo[0].shape)
-    if not bool(((p >= lo[0] - tol) & (p <= hi[0] + tol)).all()):
-        raise CounterexampleError(f"example {index}: the counterexample leaves the input set")
-    p = torch.minimum(torch.maximum(p, lo[0]), hi[0])
-    margin = _margin64(net64, p, label)
+    x64 = x.detach().cpu().double().reshape(1, *x.shape)
+    p = point.detach().cpu().double().reshape(x64.shape)
+    rel = max(tol, x64.numel() * torch.finfo(point.dtype).eps) if point.is_floating_point() else tol
+    if not bool(input_set.contains(x64, p, _allowance(input_set, x64, rel))[0]):
+        outside = float(input_set.excess(x64, p)[0])
+        raise CounterexampleError(f"example {index}: the counterexample lies {outside:.3g} outside the input set")
+    p = input_set.project(x64, p)
+    if not bool(input_set.contains(x64, p, _allowance(input_set, x64, PROJECTED_TOL))[0]):
+        raise CounterexampleError(f"example {index}: the projected counterexample is not in the input set")
+    margin = _margin64(net64, p[0], label)
     if margin > 1e-6:
         raise CounterexampleError(f"example {index}: counterexample has margin {margin:.3g} > 0 in float64")
-    return p.numpy() if margin <= 0 else None
+    return p[0].numpy() if margin <= 0 else None
 
 
 @dataclass
@@ -136,10 +159,8 @@ class Cascade:
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
         eps = self.input_set.radius(x[idx])
-        lo, hi = self.input_set.box(x[idx])
         step = float(eps.max()) / 4 if float(eps.max()) > 0 else 1e-3
-        x_adv = pgd(self.net.forward, x[idx], y[idx], eps, steps=self.attack_steps, step_size=step)
-        x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
+        x_adv = pgd_in_set(self.net.forward, x[idx], y[idx], self.input_set, steps=self.attack_steps, step_size=step)
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
             v = verdicts[k]
@@ -152,25 +173,36 @@ class Cascade:
 
     def _dual(self, rung: str, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict], open_: list[int],
               proven: torch.Tensor) -> None:
+        """A bound rung on the open examples; margins near zero are settled in float64 (the float policy)."""
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        xb, yb = x[idx], y[idx]
-        c = margin_objective(yb, proven.shape[1], x.dtype)
-        if rung == "optimized":
-            # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
-            c = c * (~proven[idx]).to(c.dtype).unsqueeze(2).to(c.device)
-            margins, _ = optimize_slopes(self.net, xb, self.input_set, c, steps=self.optimize_steps,
-                                         until_positive=True)
-            margins = torch.where(proven[idx].to(margins.device), torch.inf, margins)  # as the solver rungs
-        else:
-            with torch.no_grad():
-                slopes = "fixed" if rung == "dual" else "adaptive"
-                margins = DualNetwork(self.net, xb, self.input_set, slopes=slopes).objective(c)
-        margins = margins.detach().cpu()
+        xb, yb, done = x[idx], y[idx], proven[idx]
+
+        def exact(net64: Network, rows: torch.Tensor, x64: torch.Tensor, y64: torch.Tensor,
+                  input_set: InputSet) -> torch.Tensor:
+            return torch.where(done[rows], torch.inf, self._dual_margins(rung, net64, x64, y64, input_set, done[rows]))
+
+        margins = self._dual_margins(rung, self.net, xb, yb, self.input_set, done).cpu()
+        # the policy looks at the open targets only: a proven target's margin must not hide a near-zero one
+        open_margins = torch.where(done, torch.inf, margins)
+        settled = settle_in_float64(self.net, xb, yb, self.input_set, open_margins, exact, self.net64).cpu()
+        margins = torch.where(done, margins, settled)
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
             proven[k] |= margins[j] > 0
             self._record(verdicts[k], rung, margins[j], seconds, proven[k])
+
+    def _dual_margins(self, rung: str, net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet,
+                      done: torch.Tensor) -> torch.Tensor:
+        """``(b, n)`` margin bounds of a bound rung in ``net``'s dtype; targets already ``done`` count as ``inf``."""
+        c = margin_objective(y, done.shape[1], x.dtype)
+        if rung != "optimized":
+            with torch.no_grad():
+                return DualNetwork(net, x, input_set, slopes="fixed" if rung == "dual" else "adaptive").objective(c)
+        # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
+        c = c * (~done).to(c.dtype).unsqueeze(2).to(c.device)
+        margins, _ = optimize_slopes(net, x, input_set, c, steps=self.optimize_steps, until_positive=True)
+        return torch.where(done.to(margins.device), torch.inf, margins.detach())  # as the solver rungs
 
     def _record(self, v: Verdict, rung: str, margins: torch.Tensor, seconds: float, proven: torch.Tensor) -> None:
         v.margins[rung] = float(worst_of(margins.unsqueeze(0), torch.tensor([v.label]))[0])
@@ -206,7 +238,7 @@ class Cascade:
         self._record(v, rung, margins, time.perf_counter() - t0, proven)
 
     def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int) -> np.ndarray | None:
-        """PGD with random restarts on each ``f_target - f_label`` (one batch row per target).
+        """PGD in the set with random restarts on each ``f_target - f_label`` (one batch row per target).
 
         Returns a verified counterexample, or ``None``.
         """
@@ -216,12 +248,11 @@ class Cascade:
         def pair(z: torch.Tensor) -> torch.Tensor:  # cross-entropy of label 0 grows with f_target - f_label
             return torch.gather(self.net64.forward(z), 1, columns)
 
-        lo, hi = self.input_set.box(x64)
         radius = self.input_set.radius(x64)
         step = float(radius.max()) / 10 if float(radius.max()) > 0 else 1e-3
-        x_adv = pgd(pair, x64, torch.zeros(len(targets), dtype=torch.long), radius, steps=self.attack_steps,
-                    step_size=step, clip=(lo, hi), restarts=self.milp_attack_restarts,
-                    generator=torch.Generator().manual_seed(index))
+        x_adv = pgd_in_set(pair, x64, torch.zeros(len(targets), dtype=torch.long), replace(self.input_set, eps=radius),
+                           steps=self.attack_steps, step_size=step, restarts=self.milp_attack_restarts,
+                           generator=torch.Generator().manual_seed(index))
         for point in x_adv:
             if _margin64(self.net64, point, label) <= 0:
                 verified = verified_point(self.net64, x, point, label, self.input_set, index)

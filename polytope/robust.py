@@ -11,6 +11,7 @@ from polytope.dual import DualNetwork, Slopes
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import Network
 from polytope.parallel import map_chunks
+from polytope.precision import settle_in_float64
 from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
 
@@ -75,11 +76,17 @@ def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def robust_loss(
     net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: Slopes = "fixed"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Theorem 2: mean cross-entropy of ``-J`` and the robust error (fraction not certified)."""
+    """Theorem 2: mean cross-entropy of ``-J`` and the robust error (fraction not certified).
+
+    The error follows the float policy of :func:`certify` (near-zero margins decided in float64);
+    the loss is the bound of ``x``'s own dtype.
+    """
     y = _labels(net, x, y)
     margins = margin_bounds(net, x, y, input_set, slopes)
     loss = F.cross_entropy(-margins, y)
-    err = (~certified_by_margins(margins.detach(), y)).to(x.dtype).mean()
+    settled = settle_in_float64(net, x, y, input_set, margins,
+                                lambda net64, _, x64, y64, s64: margin_bounds(net64, x64, y64, s64, slopes))
+    err = (~certified_by_margins(settled, y)).to(x.dtype).mean()
     return loss, err
 
 
@@ -96,6 +103,13 @@ def certify(
     (:func:`polytope.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
     ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
     see :mod:`polytope.cascade`).
+
+    Float policy (``docs/float_policy.md``): a certificate never rests on lower-precision rounding.
+    For a network and inputs in float32 (or any dtype but float64), every example whose worst
+    margin bound ``min_{j != y} J_j`` lies within ``tau = 64 * machine_eps(dtype) * max_j a_L[j]``
+    of zero -- ``a_L`` bounds the magnitude of every term of ``J`` (:func:`polytope.precision.magnitude_bound`),
+    so ``tau`` scales with the outputs -- is recomputed in float64 from a float64 copy of the same
+    weights, and the float64 value decides.  The LP and MILP rungs always run in float64.
     """
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "milp", "cascade"):
@@ -112,13 +126,22 @@ def certificate_margins(net: Network, x: torch.Tensor, y: torch.Tensor, input_se
     """``(B, n)`` margin bounds ``J_j`` for a bound method: ``"dual"``, ``"adaptive"`` or ``"optimized"``.
 
     ``"optimized"`` stops each example as soon as it is certified (``until_positive``), so its
-    margins are valid bounds that are not maximised beyond 0.
+    margins are valid bounds that are not maximised beyond 0.  In a dtype other than float64 the
+    rows of examples whose worst margin lies within the rounding tolerance of zero are recomputed
+    in float64 (:func:`polytope.precision.settle_in_float64`; see :func:`certify`).
     """
     slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive", "optimized": "optimized"}.get(method)
     if slopes is None:
         raise ValueError(
             f"unknown method {method!r}: use 'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'milp' or 'cascade'"
         )
+    margins = _method_margins(net, x, y, input_set, slopes)
+    return settle_in_float64(net, x, y, input_set, margins,
+                             lambda net64, _, x64, y64, s64: _method_margins(net64, x64, y64, s64, slopes))
+
+
+def _method_margins(net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, slopes: str) -> torch.Tensor:
+    """The margin bounds of one bound method in ``x``'s own dtype (no float policy)."""
     if slopes == "optimized":
         c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
         return optimize_slopes(net, x, input_set, c, until_positive=True)[0]

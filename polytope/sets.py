@@ -4,7 +4,8 @@ Theorem 1's input term ``-x^T nu_hat_1 - eps ||nu_hat_1||_1`` is ``min_{x' in S(
 with ``g = -nu_hat_1`` for the l_inf ball; other l_p balls swap in the dual norm (the remark
 after eq. 8), and a box-clipped l_inf ball is the box ``[max(x-eps, lo), min(x+eps, hi)]``.
 Every set implements :meth:`InputSet.min_linear` for that term, :meth:`InputSet.box` for a
-bounding box, plus sampling and projection for tests and attacks.
+bounding box, :meth:`InputSet.contains` for membership (the check every counterexample
+passes), plus sampling and projection for tests and attacks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -54,6 +56,8 @@ class InputSet(ABC):
     eps: float | torch.Tensor
 
     kind = "abstract"
+    p: ClassVar[float] = math.inf
+    """The norm of the ball: ``||x' - x||_p <= eps``."""
 
     def radius(self, x: torch.Tensor) -> torch.Tensor:
         """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated."""
@@ -110,6 +114,32 @@ class InputSet(ABC):
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Project ``x_adv`` onto ``S(x)`` (exact for l_inf sets and l2; l1 uses a sort)."""
 
+    def norm(self, d: torch.Tensor) -> torch.Tensor:
+        """``||d_b||_p`` of every example of a batch ``d: (B, *in_shape)``, as ``(B,)``."""
+        return torch.linalg.vector_norm(d.flatten(1), ord=self.p, dim=1)
+
+    def excess(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """How far each ``points[b]`` lies outside ``S(x[b])``, in float64, ``(B,)`` (0 inside).
+
+        For the norm balls it is ``max(||p - x||_p - eps, 0)``; sets with a domain box add the
+        largest coordinate by which ``p`` leaves it (:class:`BoxedLinfBall` overrides this).
+        """
+        x64, p64 = x.detach().double(), points.detach().to(device=x.device, dtype=torch.float64)
+        return (self.norm(p64 - x64) - self.radius(x64)).clamp_min(0)
+
+    def contains(self, x: torch.Tensor, points: torch.Tensor, tol: float | torch.Tensor = 0.0) -> torch.Tensor:
+        """``(B,)`` booleans: ``points[b]`` lies in ``S(x[b])`` up to the absolute tolerance ``tol``.
+
+        The test is computed in float64: ``||p - x||_p <= eps + tol`` for the norm balls, and for
+        :class:`BoxedLinfBall` every coordinate within ``tol`` of the clipped box ``[max(x - eps, lo),
+        min(x + eps, hi)]``.  ``tol`` (a float or one value per example, in input units) is the
+        caller's allowance for rounding; ``tol = 0`` asks for exact membership of the float64 values.
+        """
+        if points.shape != x.shape:
+            raise InvalidInputError(f"points have shape {tuple(points.shape)}, x has {tuple(x.shape)}")
+        excess = self.excess(x, points)
+        return excess <= torch.as_tensor(tol, dtype=torch.float64, device=excess.device)
+
     def sample(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` points of ``S(x)`` per example, ``(B, n, *in_shape)``: a quarter are box corners."""
         lo, hi = self.box(x)
@@ -144,6 +174,7 @@ class LinfBall(_CenteredBall):
 
     kind = "linf"
     q = 1.0
+    p = math.inf
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         lo, hi = self.box(x)
@@ -156,6 +187,7 @@ class L2Ball(_CenteredBall):
 
     kind = "l2"
     q = 2.0
+    p = 2.0
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         eps = _batch_view(self.validate(x), x.dim())
@@ -170,6 +202,7 @@ class L1Ball(_CenteredBall):
 
     kind = "l1"
     q = math.inf
+    p = 1.0
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Euclidean projection onto the l1 ball (sort-based, Duchi et al. 2008)."""
@@ -222,3 +255,8 @@ class BoxedLinfBall(InputSet):
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         lo, hi = self.box(x)
         return torch.minimum(torch.maximum(x_adv, lo), hi)
+
+    def excess(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x.detach().double())
+        p64 = points.detach().to(device=x.device, dtype=torch.float64)
+        return torch.maximum(lo - p64, p64 - hi).flatten(1).amax(1).clamp_min(0)

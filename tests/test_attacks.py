@@ -10,6 +10,7 @@ from torch import nn
 
 from polytope import attacks
 from polytope.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
+from polytope.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
 
 
 def small_convnet(seed: int = 0) -> nn.Sequential:
@@ -218,3 +219,66 @@ def test_invalid_arguments() -> None:
         attacks.pgd(model, x, y, 0.1, restarts=0)
     with pytest.raises(InvalidInputError, match="NaN"):
         attacks.fgsm(model, x.masked_fill(x > 0.5, float("nan")), y, 0.1)
+
+
+SETS = {
+    "linf": lambda eps: LinfBall(eps),
+    "linf-box": lambda eps: BoxedLinfBall(eps, 0.0, 1.0),
+    "l2": lambda eps: L2Ball(eps),
+    "l1": lambda eps: L1Ball(eps),
+}
+
+
+def _outside(kind: str, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """How far each ``x_adv`` lies outside the set (0 inside), from the norms directly."""
+    d = (x_adv - x).double().flatten(1)
+    order = {"linf": torch.inf, "linf-box": torch.inf, "l2": 2, "l1": 1}[kind]
+    excess = (torch.linalg.vector_norm(d, ord=order, dim=1) - eps).clamp_min(0)
+    if kind == "linf-box":
+        flat = x_adv.double().flatten(1)
+        excess = torch.maximum(excess, torch.maximum(-flat, flat - 1).amax(1).clamp_min(0))
+    return excess
+
+
+@pytest.mark.parametrize("kind", SETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pgd_in_set_stays_in_the_actual_set(kind: str, dtype: torch.dtype) -> None:
+    """Every iterate is projected onto the set itself: an l2/l1 attack never reaches the bounding box's corners."""
+    model, (x, y) = small_convnet(), batch()
+    model, x, eps = model.to(dtype), x.to(dtype), 0.5
+    x_adv = attacks.pgd_in_set(model, x, y, SETS[kind](eps), steps=20, step_size=eps / 4, restarts=2,
+                               generator=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape and x_adv.dtype == dtype and not x_adv.requires_grad
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float(_outside(kind, x, x_adv, eps).max()) <= tol
+    assert float(per_example_loss(model, x_adv, y).mean()) > float(per_example_loss(model, x, y).mean())
+
+
+def test_pgd_in_set_on_the_linf_ball_is_pgd() -> None:
+    model, (x, y) = small_convnet(), batch()
+    model, x = model.double(), x.double()
+    kw = {"steps": 10, "step_size": 0.02, "restarts": 3}
+    plain = attacks.pgd(model, x, y, 0.1, generator=torch.Generator().manual_seed(4), **kw)
+    in_set = attacks.pgd_in_set(model, x, y, LinfBall(0.1), generator=torch.Generator().manual_seed(4), **kw)
+    single = attacks.pgd_in_set(model, x, y, LinfBall(0.1), steps=10, step_size=0.02)
+    torch.testing.assert_close(single, attacks.pgd(model, x, y, 0.1, steps=10, step_size=0.02), rtol=0, atol=1e-12)
+    # the random starts differ (a sample of the set vs uniform noise): compare the attacks' strength only
+    assert float(per_example_loss(model, in_set, y).mean()) >= 0.9 * float(per_example_loss(model, plain, y).mean())
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_pgd_in_set_linear_model_analytic_worst_case(kind: str) -> None:
+    """Two-class linear model: the worst point of the l2 ball is ``x - eps u / ||u||_2`` and of the l1 ball
+    ``x - eps sign(u_k) e_k`` at ``k = argmax |u_k|``, with ``u = w_y - w_o``."""
+    model = linear_two_class()
+    x = torch.rand(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1] * 5)
+    eps = 0.1
+    u = model.weight[y] - model.weight[1 - y]
+    if kind == "l2":
+        expected = x - eps * u / u.norm(dim=1, keepdim=True)
+    else:
+        k = u.abs().argmax(1, keepdim=True)
+        expected = x - eps * torch.zeros_like(u).scatter(1, k, 1.0) * u.sign()
+    x_adv = attacks.pgd_in_set(model, x, y, SETS[kind](eps), steps=50, step_size=eps / 4)
+    torch.testing.assert_close(x_adv, expected.detach(), rtol=0, atol=1e-9)

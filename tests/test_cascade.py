@@ -118,3 +118,41 @@ def test_targeted_attack_before_the_mip_finds_verified_counterexamples() -> None
         point = torch.from_numpy(v.counterexample)
         assert (point - x[v.index]).abs().max() <= 0.5 + 1e-12
         assert seq(point[None])[0].argmax() != y[v.index]
+
+
+@pytest.mark.parametrize(("input_set", "order"), [(pt.L2Ball(1.0), 2), (pt.L1Ball(1.0), 1)], ids=["l2", "l1"])
+def test_no_counterexample_outside_an_l2_or_l1_ball(input_set: pt.InputSet, order: int) -> None:
+    """Regression: the attack rung ran l_inf PGD in the bounding box ``[x - eps, x + eps]`` and accepted a
+    "counterexample" of l2 norm 4 at eps = 1 on examples the dual certifies."""
+    from strategies import build_fc
+
+    seq = build_fc(16, [16], 3, seed=3, gain=0.3)
+    net = pt.Network.from_torch(seq)
+    x = torch.rand(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = net.forward(x).argmax(1)
+    dual = pt.certify(net, x, input_set, y, method="dual")
+    assert bool(dual[0])  # the audit's case: certified by the paper's bound
+    verdicts = Cascade(net, input_set).run(x, y, list(range(8)))
+    assert bool(pt.certify(net, x, input_set, y, method="cascade")[0])
+    for v, certified in zip(verdicts, dual.tolist(), strict=True):
+        assert v.verdict != "not_robust" or not certified
+        if v.verdict == "not_robust":
+            d = torch.from_numpy(v.counterexample) - x[v.index]
+            assert float(torch.linalg.vector_norm(d, ord=order)) <= 1.0 + 1e-9
+
+
+def test_targeted_attack_stays_in_the_l1_ball() -> None:
+    """Regression: the pre-MIP attack ran l_inf PGD in the bounding box of the l1 ball."""
+    seq, net = _net(11)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    y = net.forward(x).argmax(1)
+    input_set = pt.L1Ball(1.0)
+    attacked = Cascade(net, input_set, rungs=("milp",), milp_attack_min_unstable=0).run(x, y, list(range(8)))
+    exact = Cascade(net, input_set, rungs=("milp",), milp_attack_min_unstable=10**9).run(x, y, list(range(8)))
+    assert [v.verdict for v in attacked] == [e.verdict for e in exact]
+    assert any(v.verdict == "not_robust" for v in attacked)
+    for v in attacked:
+        if v.verdict == "not_robust":
+            point = torch.from_numpy(v.counterexample)
+            assert float((point - x[v.index]).abs().sum()) <= 1.0 + 1e-9
+            assert seq(point[None])[0].argmax() != y[v.index]

@@ -206,3 +206,32 @@ def test_boxed_ball_domain_validation():
     lo, hi = pt.BoxedLinfBall(0.6, 0.0, 1.0).box(x)
     torch.testing.assert_close(lo, torch.tensor([[0.0, 0.9]], dtype=DTYPE))
     torch.testing.assert_close(hi, torch.tensor([[1.0, 1.0]], dtype=DTYPE))
+
+
+@given(set_problems(), seeds, st.floats(0.5, 1.5))
+@fast(25)
+def test_contains_agrees_with_the_norms(problem, seed, factor):
+    """``contains`` is membership in the actual set (the ball, clipped to the domain box), not in its box."""
+    input_set, x, _ = problem
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = input_set.box(x)
+    # a point of the bounding box, moved along its direction from x to a multiple of the set's boundary
+    corner = lo + torch.rand(x.shape, generator=gen, dtype=DTYPE) * (hi - lo)
+    on_boundary = project(input_set, x, corner.unsqueeze(1))[:, 0]
+    pts = x + factor * (on_boundary - x)
+    expected = in_set(input_set, x, pts.unsqueeze(1), tol=0.0)[:, 0]
+    clear = ~in_set(input_set, x, pts.unsqueeze(1), tol=1e-9)[:, 0] | in_set(input_set, x, pts.unsqueeze(1),
+                                                                               tol=-1e-9)[:, 0]
+    got = input_set.contains(x, pts)
+    assert bool((got == expected)[clear].all())  # away from the boundary, where the two roundings may differ
+    assert bool(input_set.contains(x, pts, tol=input_set.excess(x, pts)).all())
+    assert bool(input_set.contains(x, input_set.project(x, pts), tol=1e-12).all())
+
+
+@pytest.mark.parametrize(("kind", "norm"), [("l2", 2.0), ("l1", 1.0)])
+def test_a_corner_of_the_box_is_outside_the_l2_and_l1_balls(kind, norm):
+    x = torch.full((1, 16), 0.5, dtype=DTYPE)
+    input_set = make_set(kind, 1.0)
+    corner = input_set.box(x)[1]
+    assert not bool(input_set.contains(x, corner, tol=1e-6)[0])
+    assert float(input_set.excess(x, corner)[0]) == pytest.approx(float((corner - x).norm(p=norm)) - 1.0)
