@@ -342,3 +342,15 @@ def test_bad_files(tmp_path):
     garbage.write_bytes(b"this is not a protobuf \xff\xfe\x00 at all")
     with pytest.raises(ModelFileError, match="not an ONNX model"):
         load_onnx(garbage)
+
+
+def test_unbatched_input_and_output_layout_change(tmp_path):
+    """An input without a batch dimension, and a Transpose after the last ReLU (output order permuted)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Cast", ["r"], ["c"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["c", "shape"], ["m"], name="reshape"),
+             helper.make_node("Transpose", ["m"], ["y"], name="transpose", perm=[1, 0])]
+    inits = [("W", _rand(6, 4)), ("shape", np.array([2, 2], np.int64))]
+    net = _check_against_ort(_save(_graph(nodes, [6], [2, 2], inits), tmp_path))
+    assert net.n_relu == 1 and isinstance(net.layers[1].ops[0], LinearOp)  # the permutation is a layer

@@ -23,10 +23,11 @@ one ulp outwards, so the box and the unsafe region always contain the exact ones
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,13 +38,12 @@ from polytope.errors import PropertyFileError, UnsupportedPropertyError
 #: The most DNF terms a property may expand to.
 MAX_TERMS = 100_000
 
-_TOKEN = re.compile(
-    r"(?P<ws>\s+|;[^\n]*)|(?P<open>\()|(?P<close>\))|(?P<str>\"[^\"]*\")|(?P<version><\d+\.\d+>)"
-    r"|(?P<shape>\[[^\]]*\])|(?P<atom>[^\s()\[\]\";]+(?:\[[^\]]*\])?)|(?P<bad>.)"
+_TOKEN = re.compile(  # optional whitespace/comments, then one token (group 1); a lone '"', '[' or ']' is bad
+    r"(?:\s+|;[^\n]*)*(\(|\)|\"[^\"]*\"|<\d+\.\d+>|\[[^\]]*\]|[^\s()\[\]\";]+(?:\[[^\]]*\])?|[\"\[\]])"
 )
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\Z")
+_NUMERIC_START = frozenset("0123456789.-+")
+_BAD = frozenset(('"', "[", "]"))
 _V1_NAME = re.compile(r"([XY])_(\d+)\Z")
-_ELEMENT = re.compile(r"([A-Za-z][A-Za-z0-9_]*)(?:\[([^\]]*)\])?\Z")
 
 
 class Halfspaces(NamedTuple):
@@ -121,7 +121,13 @@ def read_vnnlib(path: str | Path) -> Property:
 
 def parse_vnnlib(text: str, source: str = "<string>") -> Property:
     """Parse VNN-LIB text (version 1.0 or 2.0) into a :class:`Property`."""
-    return _Parser(text, source).run()
+    was_enabled = gc.isenabled()
+    gc.disable()  # the parse allocates ~10 containers per line and frees none: cyclic GC passes are pure cost
+    try:
+        return _Parser(text, source).run()
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +158,7 @@ class _Atom(NamedTuple):
 class _Parser:
     text: str
     source: str
+    tokens: list[str] = field(default_factory=list)
 
     def run(self) -> Property:
         forms = self._forms()
@@ -165,34 +172,42 @@ class _Parser:
 
     # -- errors -------------------------------------------------------------------------------
     def line(self, pos: int) -> int:
-        return self.text.count("\n", 0, pos) + 1
+        """The line of token number ``pos`` (found again by re-scanning: errors are rare)."""
+        offset = len(self.text)
+        for k, m in enumerate(_TOKEN.finditer(self.text)):
+            if k == pos:
+                offset = m.start(1)
+                break
+        return self.text.count("\n", 0, offset) + 1
 
     def error(self, pos: int, message: str, cls: type[PropertyFileError] = PropertyFileError) -> PropertyFileError:
         return cls(f"{self.source}, line {self.line(pos)}: {message}")
 
     # -- tokens to forms ----------------------------------------------------------------------
     def _forms(self) -> list:
-        stack: list[_List] = []
+        """The top-level forms; a form's ``pos`` is the index of its ``(`` among the tokens."""
+        self.tokens = _TOKEN.findall(self.text)
         top: list = []
-        for m in _TOKEN.finditer(self.text):
-            kind = m.lastgroup
-            if kind == "ws":
-                continue
-            if kind == "open":
+        stack: list[list] = [top]
+        current = top
+        for k, token in enumerate(self.tokens):
+            if token == "(":
                 node = _List()
-                node.pos = m.start()
-                (stack[-1] if stack else top).append(node)
+                node.pos = k
+                current.append(node)
                 stack.append(node)
-            elif kind == "close":
-                if not stack:
-                    raise self.error(m.start(), "unbalanced ')'")
+                current = node
+            elif token == ")":
+                if len(stack) == 1:
+                    raise self.error(k, "unbalanced ')'")
                 stack.pop()
-            elif kind == "bad":
-                raise self.error(m.start(), f"unexpected character {m.group()!r}")
-            elif not stack:
-                raise self.error(m.start(), f"{m.group()!r} outside parentheses")
+                current = stack[-1]
+            elif token in _BAD or current is top:
+                raise self.error(k, f"unexpected character {token!r}" if token in _BAD
+                                 else f"{token!r} outside parentheses")
             else:
-                stack[-1].append(m.group())
+                current.append(token)
+        stack = stack[1:]
         if stack:
             raise self.error(stack[-1].pos, "this '(' is never closed")
         return top
@@ -258,7 +273,7 @@ class _Parser:
                 raise self.error(getattr(item, "pos", net.pos), f"{head!r} in a network declaration is not "
                                  "supported (one declare-input and one declare-output are)", UnsupportedPropertyError)
             decls[head].append(item)
-        header: dict = {"network": net[1], "elements": {}}
+        header: dict = {"network": net[1], "elements": {}, "names": {}}
         for head, kind in (("declare-input", "input"), ("declare-output", "output")):
             if len(decls[head]) != 1:
                 raise self.error(net.pos, f"network {net[1]!r} has {len(decls[head])} {head} declarations; "
@@ -293,29 +308,46 @@ class _Parser:
 
     # -- variables and linear expressions -----------------------------------------------------
     def _variable(self, token: str, header: dict, pos: int) -> int:
-        names = header.get("names")
-        if names is not None:
-            if token in names:
-                return names[token]
+        """Variable index: ``i >= 0`` for input element ``i``, ``-1 - j`` for output element ``j``."""
+        index = header["names"].get(token)
+        if index is None:
+            if "elements" not in header:
+                raise self.error(pos, f"undeclared variable {token!r}")
+            index = header["names"][token] = self._element(token, header, pos)
+        return index
+
+    def _element(self, token: str, header: dict, pos: int) -> int:
+        """A v2.0 reference ``V`` or ``V[i,j,...]``: its flat C-order index in the declared tensor."""
+        name, bracket, rest = token.partition("[")
+        if name not in header["elements"] or (bracket and not rest.endswith("]")):
             raise self.error(pos, f"undeclared variable {token!r}")
-        m = _ELEMENT.match(token)
-        if m is None or m.group(1) not in header["elements"]:
-            raise self.error(pos, f"undeclared variable {token!r}")
-        kind, shape = header["elements"][m.group(1)]
+        kind, shape = header["elements"][name]
         try:
-            index = tuple(int(i) for i in (m.group(2) or "").replace(",", " ").split())
-            flat = int(np.ravel_multi_index(index, shape)) if shape else 0
-            if len(index) != len(shape):
-                raise ValueError
-        except ValueError as exc:
-            raise self.error(pos, f"{token!r} does not index {m.group(1)} of shape {list(shape)}") from exc
+            index = [int(i) for i in rest[:-1].replace(",", " ").split()]
+        except ValueError:
+            index = None
+        if index is None or len(index) != len(shape) or any(not 0 <= i < n for i, n in zip(index, shape)):  # noqa: B905
+            raise self.error(pos, f"{token!r} does not index {name} of shape {list(shape)}")
+        flat = 0
+        for i, n in zip(index, shape):  # noqa: B905 (equal lengths checked above)
+            flat = flat * n + i
         return flat if kind == "input" else -1 - flat
 
+    def _leaf(self, token: str, header: dict, pos: int) -> _Linear:
+        """A number or a variable."""
+        if token[0] in _NUMERIC_START:
+            try:
+                value = float(token)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise self.error(pos, f"{token!r} is not a finite number")
+            return _Linear({}, value, True)
+        return _Linear({self._variable(token, header, pos): 1.0}, 0.0, True)
+
     def _linear(self, node, header: dict, pos: int) -> _Linear:
-        if isinstance(node, str):
-            if _NUMBER.match(node):
-                return _Linear({}, float(node), True)
-            return _Linear({self._variable(node, header, pos): 1.0}, 0.0, True)
+        if type(node) is str:
+            return self._leaf(node, header, pos)
         if not node or not isinstance(node[0], str):
             raise self.error(node.pos, "expected an arithmetic expression")
         op, args = node[0], [self._linear(a, header, node.pos) for a in node[1:]]
@@ -324,7 +356,12 @@ class _Parser:
         if op == "+":
             return _add(args)
         if op == "-":
-            return _scale(args[0], -1.0) if len(args) == 1 else _add([args[0], *(_scale(a, -1.0) for a in args[1:])])
+            if len(args) == 1:
+                return _scale(args[0], -1.0)
+            out = args[0]
+            for a in args[1:]:
+                out = _difference(out, a)
+            return out
         if op == "*":
             variable = [a for a in args if a.coefs]
             if len(variable) > 1:
@@ -344,6 +381,8 @@ class _Parser:
             parts = [self._dnf(a, header) for a in node[1:]]
             if op == "or":
                 return [t for p in parts for t in p]
+            if all(len(p) == 1 for p in parts):
+                return [[a for p in parts for a in p[0]]]
             terms: list[list[_Atom]] = [[]]
             for p in parts:
                 terms = [t + u for t in terms for u in p]
@@ -354,21 +393,21 @@ class _Parser:
         if op in ("<=", ">=", "<", ">", "=", "=="):
             if len(node) != 3:
                 raise self.error(node.pos, f"({op} a b) takes two operands, got {len(node) - 1}")
-            a, b = (self._linear(x, header, node.pos) for x in node[1:])
-            le = _add([a, _scale(b, -1.0)])  # a - b
-            ge = _scale(le, -1.0)
+            x, y = node[1], node[2]
+            a = self._leaf(x, header, node.pos) if type(x) is str else self._linear(x, header, node.pos)
+            b = self._leaf(y, header, node.pos) if type(y) is str else self._linear(y, header, node.pos)
             if op in ("<=", "<"):
-                return [[_Atom(le, node.pos)]]
+                return [[_Atom(_difference(a, b), node.pos)]]
             if op in (">=", ">"):
-                return [[_Atom(ge, node.pos)]]
-            return [[_Atom(le, node.pos), _Atom(ge, node.pos)]]
+                return [[_Atom(_difference(b, a), node.pos)]]
+            return [[_Atom(_difference(a, b), node.pos), _Atom(_difference(b, a), node.pos)]]
         if op == "!=":
             raise self.error(node.pos, "'!=' is not supported", UnsupportedPropertyError)
         raise self.error(node.pos, f"unknown boolean operator {op!r}")
 
     def _property(self, version: str, header: dict, body: list) -> Property:
         if not body:
-            raise self.error(len(self.text), "the property has no assertion")
+            raise self.error(len(self.tokens), "the property has no assertion")
         common: list[_Atom] = []
         alternatives: list[list[list[_Atom]]] = []
         for form in body:
@@ -402,7 +441,7 @@ class _Parser:
         if not cases:
             raise self.error(body[0].pos, "the input region is empty (some lower bound exceeds its upper bound)")
         if all(h.A.shape[0] == 0 for case in cases.values() for h in case.unsafe):
-            raise self.error(len(self.text), "the property has no output constraint")
+            raise self.error(body[0].pos, "the property has no output constraint")
         for case in cases.values():
             unbounded = np.flatnonzero(~np.isfinite(case.lo) | ~np.isfinite(case.hi))
             if unbounded.size:
@@ -432,19 +471,30 @@ class _Parser:
 
 def _add(terms: list[_Linear]) -> _Linear:
     coefs: dict[int, float] = {}
-    exact, const, n_const = True, 0.0, 0
+    exact, const = True, 0.0
     for t in terms:
-        exact = exact and t.exact
-        if t.const:
-            n_const += 1
-            const += t.const
+        exact = exact and t.exact and _exact_sum(const, t.const)
+        const += t.const
         for k, v in t.coefs.items():
-            if k in coefs:
-                exact = False
-                coefs[k] += v
-            else:
-                coefs[k] = v
-    return _Linear({k: v for k, v in coefs.items() if v != 0.0}, const, exact and n_const <= 1)
+            coefs[k] = coefs.get(k, 0.0) + v
+    return _Linear({k: v for k, v in coefs.items() if v != 0.0}, const, exact)
+
+
+def _difference(a: _Linear, b: _Linear) -> _Linear:
+    """``a - b``."""
+    coefs = dict(a.coefs)
+    for k, v in b.coefs.items():
+        coefs[k] = coefs.get(k, 0.0) - v
+        if coefs[k] == 0.0:
+            del coefs[k]
+    return _Linear(coefs, a.const - b.const, a.exact and b.exact and _exact_sum(a.const, -b.const))
+
+
+def _exact_sum(a: float, b: float) -> bool:
+    """Whether ``a + b`` is exact in float64 (Knuth's TwoSum error term is zero)."""
+    s = a + b
+    bb = s - a
+    return math.isfinite(s) and (a - (s - bb)) + (b - bb) == 0.0
 
 
 def _scale(t: _Linear, factor: float) -> _Linear:
@@ -453,7 +503,8 @@ def _scale(t: _Linear, factor: float) -> _Linear:
 
 
 def _box(parser: _Parser, atoms: list[_Atom], lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Intersect the box ``[lo, hi]`` (in place) with one-variable atoms; ``None`` when it is empty."""
+    """Intersect the box ``[lo, hi]`` with one-variable atoms; ``None`` when it is empty."""
+    lows, highs = lo.tolist(), hi.tolist()
     for atom in atoms:
         coefs, const = atom.expr.coefs, atom.expr.const
         if not coefs:
@@ -465,9 +516,10 @@ def _box(parser: _Parser, atoms: list[_Atom], lo: np.ndarray, hi: np.ndarray) ->
         bound = 0.0 - const / a  # a x + const <= 0
         exact = atom.expr.exact and a in (1.0, -1.0)
         if a > 0:
-            hi[i] = min(hi[i], bound if exact else np.nextafter(bound, np.inf))
+            highs[i] = min(highs[i], bound if exact else math.nextafter(bound, math.inf))
         else:
-            lo[i] = max(lo[i], bound if exact else np.nextafter(bound, -np.inf))
+            lows[i] = max(lows[i], bound if exact else math.nextafter(bound, -math.inf))
+    lo, hi = np.array(lows), np.array(highs)
     if np.any(lo > hi):
         return None
     return lo, hi
