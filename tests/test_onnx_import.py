@@ -335,6 +335,19 @@ def test_relu_first_is_named(tmp_path):
         load_onnx(_save(_graph([helper.make_node("Relu", ["x"], ["y"], name="relu0")], [1, 3], [1, 3]), tmp_path))
 
 
+def test_non_finite_weights_and_division_by_zero(tmp_path):
+    nodes = [helper.make_node("Div", ["x", "zero"], ["a"], name="div0"),
+             helper.make_node("MatMul", ["a", "W"], ["y"], name="mm")]
+    model = _graph(nodes, [1, 3], [1, 2], [("zero", np.array([1, 0, 1], np.float32)), ("W", _rand(3, 2))])
+    with pytest.raises(UnsupportedOperatorError, match=r"'div0' \(Div\) divides by zero"):
+        load_onnx(_save(model, tmp_path))
+    w = _rand(3, 2)
+    w[1, 0] = np.nan
+    model = _graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [1, 3], [1, 2], [("W", w)])
+    with pytest.raises(ModelFileError, match="NaN or infinite"):
+        load_onnx(_save(model, tmp_path, "nan.onnx"))
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         load_onnx(tmp_path / "missing.onnx")

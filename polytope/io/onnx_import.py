@@ -208,6 +208,8 @@ class _Importer:
             del self.segments[0][0]  # a network on the flat input needs no Flatten op
             in_shape = (int(np.prod(in_shape)),)
         model = nn.Sequential(*self._modules(dtype)).eval()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ModelFileError("the network's weights (after folding) hold NaN or infinite values")
         return OnnxNetwork(Network.from_torch(model), in_shape, inputs[0].name, self.shapes[inputs[0].name],
                            output, n_out)
 
@@ -372,7 +374,10 @@ class _Importer:
     def _op_Div(self, node, attrs) -> np.ndarray:
         if node.input[0] != self.current:
             raise UnsupportedOperatorError(f"node {node.name!r} (Div) divides by the network's value (not affine)")
-        return self._elementwise(node, 1.0 / self._other(node).astype(np.float64), 0.0)
+        divisor = self._other(node)
+        if np.any(divisor == 0):
+            raise UnsupportedOperatorError(f"node {node.name!r} (Div) divides by zero")
+        return self._elementwise(node, 1.0 / divisor, 0.0)
 
     def _other(self, node) -> np.ndarray:
         return self._const(node, 1 if node.input[0] == self.current else 0, "second operand").astype(np.float64)
