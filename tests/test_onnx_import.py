@@ -291,6 +291,8 @@ def test_sub_div_normalisation_into_gemm(tmp_path):
     (helper.make_node("Conv", ["x", "K"], ["y"], name="gconv", group=2), [("K", _rand(2, 1, 3, 3))], "Conv"),
     (helper.make_node("Div", ["one", "x"], ["y"], name="recip"), [("one", np.ones(1, np.float32))], "Div"),
     (helper.make_node("Mul", ["x", "x"], ["y"], name="square"), [], "Mul"),
+    (helper.make_node("Cast", ["x"], ["y"], name="to_int", to=TensorProto.INT64), [], "Cast"),
+    (helper.make_node("Conv", ["x", "K"], ["y"], name="conv1d"), [("K", _rand(2, 2, 3))], "Conv"),
 ])
 def test_unsupported_operator_is_named(tmp_path, node, inits, op):
     model = _graph([node], [1, 2, 4, 4], None, inits)

@@ -204,7 +204,7 @@ class _Importer:
         if output != self.current:
             raise UnsupportedGraphError(f"the graph output {output!r} is not the end of the chain {self.current!r}")
         n_out = self._finish()
-        if self.segments[0] and isinstance(self.segments[0][0], _Flatten):
+        if len(self.segments[0]) > 1 and isinstance(self.segments[0][0], _Flatten):
             del self.segments[0][0]  # a network on the flat input needs no Flatten op
             in_shape = (int(np.prod(in_shape)),)
         model = nn.Sequential(*self._modules(dtype)).eval()
@@ -327,8 +327,10 @@ class _Importer:
     def _op_Cast(self, node, attrs) -> np.ndarray:
         from onnx import helper
 
-        if not np.issubdtype(helper.tensor_dtype_to_np_dtype(attrs["to"]), np.floating):
-            raise UnsupportedOperatorError(f"node {node.name!r} (Cast) casts the network's value to a non-float type")
+        if helper.tensor_dtype_to_np_dtype(attrs["to"]) not in (np.float32, np.float64):
+            raise UnsupportedOperatorError(
+                f"node {node.name!r} (Cast) casts the network's value to a type other than float32/float64"
+            )
         return self.view
 
     def _op_Flatten(self, node, attrs) -> np.ndarray:
