@@ -369,3 +369,19 @@ def test_unbatched_input_and_output_layout_change(tmp_path):
     inits = [("W", _rand(6, 4)), ("shape", np.array([2, 2], np.int64))]
     net = _check_against_ort(_save(_graph(nodes, [6], [2, 2], inits), tmp_path))
     assert net.n_relu == 1 and isinstance(net.layers[1].ops[0], LinearOp)  # the permutation is a layer
+
+
+def test_released_mnist_model_round_trip(tmp_path):
+    """The paper's released MNIST conv net, exported and imported: same outputs and the same dual bound."""
+    from polytope.models import load_released, released_model_path
+
+    if not released_model_path("mnist").exists():
+        pytest.skip(f"released MNIST model not found at {released_model_path('mnist')}")
+    model = load_released("mnist")
+    x = torch.rand(2, 1, 28, 28)
+    path = _export(model, x[:1], tmp_path)
+    imported = _check_against_ort(path, n=2)
+    c = torch.randn(2, 3, 10)
+    ours = pt.DualNetwork(imported, x, pt.LinfBall(0.1)).objective(c).detach()
+    ref = pt.DualNetwork(pt.Network.from_torch(model), x, pt.LinfBall(0.1)).objective(c).detach()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
