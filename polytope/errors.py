@@ -37,3 +37,19 @@ class DatasetError(PolytopeError, OSError):
 
 class SolverError(PolytopeError, RuntimeError):
     """A solver that could not be run (the LP/MILP status itself is reported, not raised)."""
+
+
+class UnsupportedOperatorError(PolytopeError, TypeError):
+    """An ONNX operator (or attribute of one) that polytope cannot import; names its type and node."""
+
+
+class UnsupportedGraphError(PolytopeError, TypeError):
+    """An ONNX graph that is not a chain of one input to one output, or that has a dynamic shape."""
+
+
+class PropertyFileError(PolytopeError, ValueError):
+    """A VNN-LIB property that is missing or malformed (the message names the line)."""
+
+
+class UnsupportedPropertyError(PropertyFileError):
+    """A well-formed VNN-LIB property outside what polytope verifies (e.g. non-box input constraints)."""
