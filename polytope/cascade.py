@@ -124,7 +124,8 @@ class Cascade:
                 self._dual(rung, x, y, verdicts, open_, proven)
             else:
                 for k in open_:
-                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []))
+                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []),
+                                 self.input_set.subset(len(x), k))
         return verdicts
 
     def _clean(self, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict]) -> None:
@@ -135,8 +136,9 @@ class Cascade:
     def _attack(self, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict], open_: list[int]) -> None:
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        eps = self.input_set.radius(x[idx])
-        lo, hi = self.input_set.box(x[idx])
+        input_set = self.input_set.subset(len(x), idx)
+        eps = input_set.radius(x[idx])
+        lo, hi = input_set.box(x[idx])
         step = float(eps.max()) / 4 if float(eps.max()) > 0 else 1e-3
         x_adv = pgd(self.net.forward, x[idx], y[idx], eps, steps=self.attack_steps, step_size=step)
         x_adv = torch.minimum(torch.maximum(x_adv, lo), hi)
@@ -146,7 +148,7 @@ class Cascade:
             v.seconds["attack"] = seconds
             v.margins["attack"] = _margin64(self.net64, x_adv[j], v.label)
             if v.margins["attack"] <= 0:
-                point = verified_point(self.net64, x[k], x_adv[j], v.label, self.input_set, v.index)
+                point = verified_point(self.net64, x[k], x_adv[j], v.label, self.input_set.subset(len(x), k), v.index)
                 if point is not None:
                     v.verdict, v.rung, v.counterexample = "not_robust", "attack", point
 
@@ -154,18 +156,18 @@ class Cascade:
               proven: torch.Tensor) -> None:
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        xb, yb = x[idx], y[idx]
+        xb, yb, input_set = x[idx], y[idx], self.input_set.subset(len(x), idx)
         c = margin_objective(yb, proven.shape[1], x.dtype)
         if rung == "optimized":
             # targets proven on an earlier rung drop out of the objective (a zero row: J = 0)
             c = c * (~proven[idx]).to(c.dtype).unsqueeze(2).to(c.device)
-            margins, _ = optimize_slopes(self.net, xb, self.input_set, c, steps=self.optimize_steps,
+            margins, _ = optimize_slopes(self.net, xb, input_set, c, steps=self.optimize_steps,
                                          until_positive=True)
             margins = torch.where(proven[idx].to(margins.device), torch.inf, margins)  # as the solver rungs
         else:
             with torch.no_grad():
                 slopes = "fixed" if rung == "dual" else "adaptive"
-                margins = DualNetwork(self.net, xb, self.input_set, slopes=slopes).objective(c)
+                margins = DualNetwork(self.net, xb, input_set, slopes=slopes).objective(c)
         margins = margins.detach().cpu()
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
@@ -179,16 +181,17 @@ class Cascade:
             v.verdict, v.rung = "certified", rung
 
     def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
-                tightened: FlatBounds) -> None:
-        """An LP or MILP rung for one example; ``tightened`` carries LP-all bounds from rung to rung."""
+                tightened: FlatBounds, input_set: InputSet) -> None:
+        """An LP or MILP rung for one example (``input_set``: its set); ``tightened`` carries LP-all bounds
+        from rung to rung."""
         t0 = time.perf_counter()
         n_out = proven.shape[0]
         margins = torch.full((n_out,), math.inf, dtype=torch.float64)
         try:
             if rung == "milp":
-                self._milp(x, label, v, proven, margins, tightened or "lp-all")
+                self._milp(x, label, v, proven, margins, tightened or "lp-all", input_set)
             else:
-                lp = RelaxedLP(self.net64, x, self.input_set, bounds="dual" if rung == "lp" else "lp-all",
+                lp = RelaxedLP(self.net64, x, input_set, bounds="dual" if rung == "lp" else "lp-all",
                                time_limit=self.time_limit)
                 if rung == "lp-all":
                     tightened[:] = lp.bounds
@@ -205,7 +208,8 @@ class Cascade:
             return
         self._record(v, rung, margins, time.perf_counter() - t0, proven)
 
-    def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int) -> np.ndarray | None:
+    def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int,
+                         input_set: InputSet) -> np.ndarray | None:
         """PGD with random restarts on each ``f_target - f_label`` (one batch row per target).
 
         Returns a verified counterexample, or ``None``.
@@ -216,31 +220,31 @@ class Cascade:
         def pair(z: torch.Tensor) -> torch.Tensor:  # cross-entropy of label 0 grows with f_target - f_label
             return torch.gather(self.net64.forward(z), 1, columns)
 
-        lo, hi = self.input_set.box(x64)
-        radius = self.input_set.radius(x64)
+        lo, hi = input_set.box(x64)
+        radius = input_set.radius(x64)
         step = float(radius.max()) / 10 if float(radius.max()) > 0 else 1e-3
         x_adv = pgd(pair, x64, torch.zeros(len(targets), dtype=torch.long), radius, steps=self.attack_steps,
                     step_size=step, clip=(lo, hi), restarts=self.milp_attack_restarts,
                     generator=torch.Generator().manual_seed(index))
         for point in x_adv:
             if _margin64(self.net64, point, label) <= 0:
-                verified = verified_point(self.net64, x, point, label, self.input_set, index)
+                verified = verified_point(self.net64, x, point, label, input_set, index)
                 if verified is not None:
                     return verified
         return None
 
     def _milp(self, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor, margins: torch.Tensor,
-              bounds: FlatBounds | str) -> None:
+              bounds: FlatBounds | str, input_set: InputSet) -> None:
         """One MIP per open target, stopped at the threshold 0: a proof or a counterexample.
 
         With at least ``milp_attack_min_unstable`` binaries, a targeted attack on each open target
         comes first (rung ``"milp-attack"`` when it hits): a hard MIP takes far longer to find a
         counterexample than PGD with restarts aimed at one target; on small MIPs it does not pay.
         """
-        milp = ExactMILP(self.net64, x, self.input_set, bounds=bounds, time_limit=self.time_limit,
+        milp = ExactMILP(self.net64, x, input_set, bounds=bounds, time_limit=self.time_limit,
                          max_unstable=self.milp_max_unstable)
         if sum(milp.n_unstable) >= self.milp_attack_min_unstable:
-            point = self._targeted_attack(x, label, (~proven).nonzero().flatten(), v.index)
+            point = self._targeted_attack(x, label, (~proven).nonzero().flatten(), v.index, input_set)
             if point is not None:
                 v.verdict, v.rung, v.counterexample = "not_robust", "milp-attack", point
                 return
@@ -256,7 +260,7 @@ class Cascade:
             elif result.status == "target" and result.z_in is not None:
                 point = torch.from_numpy(result.z_in).reshape(x.shape)
                 margins[j] = _margin64(self.net64, point, label)
-                verified = verified_point(self.net64, x, point, label, self.input_set, v.index)
+                verified = verified_point(self.net64, x, point, label, input_set, v.index)
                 if verified is not None:
                     v.verdict, v.rung, v.counterexample = "not_robust", "milp", verified
                     return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,11 +77,23 @@ class InputSet(ABC):
             raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
         return e
 
-    def rows(self, batch: int, start: int, stop: int) -> InputSet:
-        """The set for examples ``start:stop`` of a batch of ``batch`` (per-example ``eps`` sliced)."""
+    def subset(self, batch: int, index: int | slice | Sequence[int] | torch.Tensor) -> InputSet:
+        """The set of the examples ``index`` (an int, a slice, indices or a boolean mask) of a batch of ``batch``.
+
+        A per-example ``eps`` (``batch`` values) is indexed the way the batch is; a shared one is
+        kept.  Every computation on part of a batch takes its set from here.
+        """
         if isinstance(self.eps, torch.Tensor) and self.eps.numel() == batch and batch > 1:
-            return replace(self, eps=self.eps.reshape(-1)[start:stop])
+            if isinstance(index, int):
+                index = [index]
+            if not isinstance(index, slice):
+                index = torch.as_tensor(index, device=self.eps.device)
+            return replace(self, eps=self.eps.reshape(-1)[index])
         return self
+
+    def rows(self, batch: int, start: int, stop: int) -> InputSet:
+        """The set for examples ``start:stop`` of a batch of ``batch`` (:meth:`subset` of a slice)."""
+        return self.subset(batch, slice(start, stop))
 
     def validate(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` (finite, batched) and ``eps``; return ``eps`` as ``(B,)``."""

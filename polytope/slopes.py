@@ -145,7 +145,7 @@ def optimize_slopes(
             active = active[~done]
         leaves = adam.leaves()
         with torch.enable_grad():
-            dual = DualNetwork(net, x[active], input_set, slopes=leaves[:n_bounds])
+            dual = DualNetwork(net, x[active], input_set.subset(x.shape[0], active), slopes=leaves[:n_bounds])
             j = dual.objective(c[active], leaves[n_bounds:] or None)
             pushed = counted[active] & (best[active] <= 0) if until_positive else counted[active]
             grads = torch.autograd.grad((j * pushed).sum(), leaves, allow_unused=True)
