@@ -21,7 +21,7 @@ import torch
 
 from polytope.attacks import pgd
 from polytope.dual import DualNetwork
-from polytope.errors import PolytopeError, SolverError
+from polytope.errors import PolytopeError, SolverError, UnknownOptionError
 from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
@@ -103,7 +103,7 @@ class Cascade:
     def __post_init__(self) -> None:
         unknown = [r for r in self.rungs if r not in RUNGS]
         if unknown:
-            raise ValueError(f"unknown rungs {unknown}; choose from {RUNGS}")
+            raise UnknownOptionError(f"unknown rungs {unknown}; choose from {RUNGS}")
         self.net64 = as_float64(self.net)
 
     def run(self, x: torch.Tensor, y: torch.Tensor, indices: list[int]) -> list[Verdict]:

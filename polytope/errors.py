@@ -37,3 +37,19 @@ class DatasetError(PolytopeError, OSError):
 
 class SolverError(PolytopeError, RuntimeError):
     """A solver that could not be run (the LP/MILP status itself is reported, not raised)."""
+
+
+class InvalidObjectiveError(InvalidInputError):
+    """An objective ``c`` or a cutoff that holds NaN or inf."""
+
+
+class InvalidSlopesError(InvalidInputError):
+    """Lower slopes ``alpha`` that hold NaN or lie outside ``[0, 1]`` (Theorem 1 needs ``0 <= alpha <= 1``)."""
+
+
+class UnknownOptionError(PolytopeError, ValueError):
+    """A ``method``, ``slopes``, ``order``, ``bounds`` or rung name that is not one of the choices."""
+
+
+class DeviceError(PolytopeError, ValueError):
+    """A torch device name that is malformed or names a device this machine does not have."""

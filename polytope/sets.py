@@ -10,6 +10,7 @@ bounding box, plus sampling and projection for tests and attacks.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +49,16 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
         raise InvalidInputError(f"{name} holds NaN or inf values (batch rows {bad[:10]})")
 
 
+def _check_radius(e64: torch.Tensor, eps: object, dtype: torch.dtype) -> None:
+    """Raise :class:`InvalidEpsilonError` unless every radius is finite, ``>= 0`` and fits ``dtype``."""
+    if not bool(torch.isfinite(e64).all()) or bool((e64 < 0).any()):
+        raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
+    if dtype.is_floating_point and bool((e64 > torch.finfo(dtype).max).any()):
+        raise InvalidEpsilonError(
+            f"epsilon {float(e64.max()):g} is not representable in {dtype} (largest {torch.finfo(dtype).max:g})"
+        )
+
+
 @dataclass(frozen=True)
 class InputSet(ABC):
     """A norm ball around each example; ``eps`` is a float or one value per example."""
@@ -57,24 +68,27 @@ class InputSet(ABC):
     kind = "abstract"
 
     def radius(self, x: torch.Tensor) -> torch.Tensor:
-        """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated."""
+        """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated.
+
+        ``eps`` must be a real number (not a string or a bool) or a real tensor of one value or
+        one per example, finite, ``>= 0`` and representable in ``x``'s dtype (1e39 overflows float32).
+        """
         eps = self.eps
         if isinstance(eps, torch.Tensor):
-            e = eps.to(dtype=x.dtype, device=x.device).reshape(-1)
-            if e.numel() == 1:
-                e = e.expand(x.shape[0])
-            elif e.numel() != x.shape[0]:
+            if eps.dtype == torch.bool or eps.is_complex():
+                raise InvalidEpsilonError(f"epsilon must hold real numbers, got a {eps.dtype} tensor")
+            e = eps.detach().to(device=x.device).reshape(-1)
+            if e.numel() != 1 and e.numel() != x.shape[0]:
                 raise InvalidEpsilonError(
                     f"epsilon has {e.numel()} values but the batch has {x.shape[0]} examples"
                 )
+            _check_radius(e.double(), eps, x.dtype)
+            e = eps.to(dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         else:
-            try:
-                value = float(eps)
-            except (TypeError, ValueError) as exc:
-                raise InvalidEpsilonError(f"epsilon must be a number, got {eps!r}") from exc
-            e = torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
-        if not torch.isfinite(e).all() or (e < 0).any():
-            raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
+            if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+                raise InvalidEpsilonError(f"epsilon must be a number or a tensor, got {eps!r}")
+            _check_radius(torch.tensor([float(eps)], dtype=torch.float64), eps, x.dtype)
+            e = torch.full((x.shape[0],), float(eps), dtype=x.dtype, device=x.device)
         return e
 
     def subset(self, batch: int, index: int | slice | Sequence[int] | torch.Tensor) -> InputSet:
