@@ -21,7 +21,9 @@ from polytope.errors import (
 
 
 def check_objective(c: torch.Tensor | np.ndarray, name: str = "c") -> None:
-    """Raise :class:`InvalidObjectiveError` if the objective ``c`` holds NaN or inf."""
+    """Raise :class:`InvalidObjectiveError` if the objective ``c`` (a tensor or an array) holds NaN or inf."""
+    if not isinstance(c, torch.Tensor | np.ndarray):
+        raise InvalidObjectiveError(f"the objective {name} must be a tensor, got {type(c).__name__}")
     finite = np.isfinite(c).all() if isinstance(c, np.ndarray) else bool(torch.isfinite(c).all())
     if not finite:
         raise InvalidObjectiveError(f"the objective {name} holds NaN or inf values")
