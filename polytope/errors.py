@@ -48,7 +48,8 @@ class InvalidSlopesError(InvalidInputError):
 
 
 class UnknownOptionError(PolytopeError, ValueError):
-    """A ``method``, ``slopes``, ``order``, ``bounds`` or rung name that is not one of the choices."""
+    """A ``method``, ``slopes``, ``order``, ``bounds`` or rung name that is not one of the choices (or a
+    combination of them that is not supported)."""
 
 
 class DeviceError(PolytopeError, ValueError):

@@ -77,12 +77,12 @@ class InputSet(ABC):
         if isinstance(eps, torch.Tensor):
             if eps.dtype == torch.bool or eps.is_complex():
                 raise InvalidEpsilonError(f"epsilon must hold real numbers, got a {eps.dtype} tensor")
-            e = eps.detach().to(device=x.device).reshape(-1)
-            if e.numel() != 1 and e.numel() != x.shape[0]:
+            flat = eps.detach().reshape(-1)
+            if flat.numel() != 1 and flat.numel() != x.shape[0]:
                 raise InvalidEpsilonError(
-                    f"epsilon has {e.numel()} values but the batch has {x.shape[0]} examples"
+                    f"epsilon has {flat.numel()} values but the batch has {x.shape[0]} examples"
                 )
-            _check_radius(e.double(), eps, x.dtype)
+            _check_radius(flat.double(), eps, x.dtype)
             e = eps.to(dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         else:
             if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
