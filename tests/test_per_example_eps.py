@@ -42,15 +42,38 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return bool((both_inf | ((a - b).abs() <= tol * (1 + b.abs()))).all())
 
 
+def _sampled_margins(net: pt.Network, x: torch.Tensor, y: torch.Tensor, input_set: pt.InputSet) -> torch.Tensor:
+    """``min f_y - f_j`` over 512 points of the set, per example and target: above every sound lower bound."""
+    pts = input_set.sample(x, 512, generator=torch.Generator().manual_seed(0))
+    f = net.forward(pts.flatten(0, 1)).reshape(*pts.shape[:2], -1)
+    return (f.gather(2, y[:, None, None].expand(-1, pts.shape[1], 1)) - f).amin(1)
+
+
 @pytest.mark.parametrize("kind", ["linf", "linf-box", "l2", "l1"])
-@pytest.mark.parametrize("method", ["dual", "adaptive", "optimized"])
+@pytest.mark.parametrize("method", ["dual", "adaptive"])
 def test_bound_methods_match_each_example_alone(kind: str, method: str) -> None:
     net, x, y, eps = _case(kind)
     batch = certificate_margins(net, x, y, make_set(kind, eps), method)
     assert batch.shape == (5, 3)
     for k in range(5):
         alone = certificate_margins(net, x[k:k + 1], y[k:k + 1], make_set(kind, float(eps[k])), method)
-        assert _close(batch[k], alone[0], OPT_TOL if method == "optimized" else TOL), (k, batch[k], alone[0])
+        assert _close(batch[k], alone[0], TOL), (k, batch[k], alone[0])
+
+
+@pytest.mark.parametrize("kind", ["linf", "linf-box", "l2", "l1"])
+def test_optimized_certificate_margins_use_each_examples_eps(kind: str) -> None:
+    """``certify(method="optimized")`` stops an example on a stall (``patience``), which a rounding-level
+    improvement can postpone in one batch composition and not in another, so its margins are not compared
+    with the example alone (that is :func:`test_optimize_slopes_shrinking_batch`).  Each must lie between
+    that example's own warm start (fixed and adaptive slopes at its eps) and sampled values of its own set."""
+    net, x, y, eps = _case(kind)
+    batch = certificate_margins(net, x, y, make_set(kind, eps), "optimized")
+    for k in range(5):
+        own = make_set(kind, float(eps[k]))
+        xk, yk = x[k:k + 1], y[k:k + 1]
+        start = torch.maximum(*(certificate_margins(net, xk, yk, own, m)[0] for m in ("dual", "adaptive")))
+        assert bool((batch[k] >= start - TOL * (1 + start.abs())).all()), (k, batch[k], start)
+        assert bool((batch[k] <= _sampled_margins(net, xk, yk, own)[0] + TOL).all()), k
 
 
 @pytest.mark.parametrize("kind", ["linf", "l1"])
@@ -88,10 +111,10 @@ def test_solver_methods_match_each_example_alone(kind: str, method: str) -> None
         alone = _verdicts(net, x[k:k + 1], y[k:k + 1], make_set(kind, float(eps[k])), rungs)[0]
         assert batch[k].verdict == alone.verdict, (k, batch[k], alone)
         assert bool(certified[k]) == (alone.verdict == "certified")
-        for rung in (set(batch[k].margins) & set(alone.margins)) - {"attack"}:  # PGD's step follows the batch
+        # PGD's step follows the batch; the optimised rung's stall rule is not batch-invariant (see above)
+        for rung in (set(batch[k].margins) & set(alone.margins)) - {"attack", "optimized"}:
             a, b = batch[k].margins[rung], alone.margins[rung]
-            tol = OPT_TOL if rung == "optimized" else TOL
-            assert (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= tol * (1 + abs(b)), (k, rung, a, b)
+            assert (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= TOL * (1 + abs(b)), (k, rung, a, b)
     # the zero radii: the point itself, correctly classified, is certified by every method
     assert all(batch[k].verdict == "certified" for k in (0, 3))
 
