@@ -3,13 +3,17 @@
 from polytope.dual import DualNetwork, IndexSets, Relaxation, index_sets
 from polytope.errors import (
     DatasetError,
+    DeviceError,
     InvalidEpsilonError,
     InvalidInputError,
+    InvalidObjectiveError,
+    InvalidSlopesError,
     ModelFileError,
     ModelModeError,
     PolytopeError,
     ShapeMismatchError,
     SolverError,
+    UnknownOptionError,
     UnsupportedLayerError,
 )
 from polytope.network import Network
@@ -27,11 +31,14 @@ from polytope.slopes import OptimizedSlopes, optimize_slopes
 __all__ = [
     "BoxedLinfBall",
     "DatasetError",
+    "DeviceError",
     "DualNetwork",
     "IndexSets",
     "InputSet",
     "InvalidEpsilonError",
     "InvalidInputError",
+    "InvalidObjectiveError",
+    "InvalidSlopesError",
     "L1Ball",
     "L2Ball",
     "LinfBall",
@@ -43,6 +50,7 @@ __all__ = [
     "Relaxation",
     "ShapeMismatchError",
     "SolverError",
+    "UnknownOptionError",
     "UnsupportedLayerError",
     "certified_radius",
     "certify",

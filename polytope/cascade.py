@@ -21,7 +21,7 @@ import torch
 
 from polytope.attacks import pgd_in_set
 from polytope.dual import DualNetwork
-from polytope.errors import PolytopeError, SolverError
+from polytope.errors import PolytopeError, SolverError, UnknownOptionError
 from polytope.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.milp import ExactMILP
 from polytope.network import Network
@@ -126,7 +126,7 @@ class Cascade:
     def __post_init__(self) -> None:
         unknown = [r for r in self.rungs if r not in RUNGS]
         if unknown:
-            raise ValueError(f"unknown rungs {unknown}; choose from {RUNGS}")
+            raise UnknownOptionError(f"unknown rungs {unknown}; choose from {RUNGS}")
         self.net64 = as_float64(self.net)
 
     def run(self, x: torch.Tensor, y: torch.Tensor, indices: list[int]) -> list[Verdict]:
@@ -147,7 +147,8 @@ class Cascade:
                 self._dual(rung, x, y, verdicts, open_, proven)
             else:
                 for k in open_:
-                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []))
+                    self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []),
+                                 self.input_set.subset(len(x), k))
         return verdicts
 
     def _clean(self, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict]) -> None:
@@ -158,16 +159,17 @@ class Cascade:
     def _attack(self, x: torch.Tensor, y: torch.Tensor, verdicts: list[Verdict], open_: list[int]) -> None:
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        eps = self.input_set.radius(x[idx])
+        input_set = self.input_set.subset(len(x), idx)
+        eps = input_set.radius(x[idx])
         step = float(eps.max()) / 4 if float(eps.max()) > 0 else 1e-3
-        x_adv = pgd_in_set(self.net.forward, x[idx], y[idx], self.input_set, steps=self.attack_steps, step_size=step)
+        x_adv = pgd_in_set(self.net.forward, x[idx], y[idx], input_set, steps=self.attack_steps, step_size=step)
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
             v = verdicts[k]
             v.seconds["attack"] = seconds
             v.margins["attack"] = _margin64(self.net64, x_adv[j], v.label)
             if v.margins["attack"] <= 0:
-                point = verified_point(self.net64, x[k], x_adv[j], v.label, self.input_set, v.index)
+                point = verified_point(self.net64, x[k], x_adv[j], v.label, self.input_set.subset(len(x), k), v.index)
                 if point is not None:
                     v.verdict, v.rung, v.counterexample = "not_robust", "attack", point
 
@@ -176,16 +178,16 @@ class Cascade:
         """A bound rung on the open examples; margins near zero are settled in float64 (the float policy)."""
         t0 = time.perf_counter()
         idx = torch.tensor(open_)
-        xb, yb, done = x[idx], y[idx], proven[idx]
+        xb, yb, done, input_set = x[idx], y[idx], proven[idx], self.input_set.subset(len(x), idx)
 
         def exact(net64: Network, rows: torch.Tensor, x64: torch.Tensor, y64: torch.Tensor,
-                  input_set: InputSet) -> torch.Tensor:
-            return torch.where(done[rows], torch.inf, self._dual_margins(rung, net64, x64, y64, input_set, done[rows]))
+                  rows_set: InputSet) -> torch.Tensor:
+            return torch.where(done[rows], torch.inf, self._dual_margins(rung, net64, x64, y64, rows_set, done[rows]))
 
-        margins = self._dual_margins(rung, self.net, xb, yb, self.input_set, done).cpu()
+        margins = self._dual_margins(rung, self.net, xb, yb, input_set, done).cpu()
         # the policy looks at the open targets only: a proven target's margin must not hide a near-zero one
         open_margins = torch.where(done, torch.inf, margins)
-        settled = settle_in_float64(self.net, xb, yb, self.input_set, open_margins, exact, self.net64).cpu()
+        settled = settle_in_float64(self.net, xb, yb, input_set, open_margins, exact, self.net64).cpu()
         margins = torch.where(done, margins, settled)
         seconds = (time.perf_counter() - t0) / len(open_)
         for j, k in enumerate(open_):
@@ -211,16 +213,17 @@ class Cascade:
             v.verdict, v.rung = "certified", rung
 
     def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
-                tightened: FlatBounds) -> None:
-        """An LP or MILP rung for one example; ``tightened`` carries LP-all bounds from rung to rung."""
+                tightened: FlatBounds, input_set: InputSet) -> None:
+        """An LP or MILP rung for one example (``input_set``: its set); ``tightened`` carries LP-all bounds
+        from rung to rung."""
         t0 = time.perf_counter()
         n_out = proven.shape[0]
         margins = torch.full((n_out,), math.inf, dtype=torch.float64)
         try:
             if rung == "milp":
-                self._milp(x, label, v, proven, margins, tightened or "lp-all")
+                self._milp(x, label, v, proven, margins, tightened or "lp-all", input_set)
             else:
-                lp = RelaxedLP(self.net64, x, self.input_set, bounds="dual" if rung == "lp" else "lp-all",
+                lp = RelaxedLP(self.net64, x, input_set, bounds="dual" if rung == "lp" else "lp-all",
                                time_limit=self.time_limit)
                 if rung == "lp-all":
                     tightened[:] = lp.bounds
@@ -237,7 +240,8 @@ class Cascade:
             return
         self._record(v, rung, margins, time.perf_counter() - t0, proven)
 
-    def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int) -> np.ndarray | None:
+    def _targeted_attack(self, x: torch.Tensor, label: int, targets: torch.Tensor, index: int,
+                         input_set: InputSet) -> np.ndarray | None:
         """PGD in the set with random restarts on each ``f_target - f_label`` (one batch row per target).
 
         Returns a verified counterexample, or ``None``.
@@ -248,30 +252,30 @@ class Cascade:
         def pair(z: torch.Tensor) -> torch.Tensor:  # cross-entropy of label 0 grows with f_target - f_label
             return torch.gather(self.net64.forward(z), 1, columns)
 
-        radius = self.input_set.radius(x64)
+        radius = input_set.radius(x64)
         step = float(radius.max()) / 10 if float(radius.max()) > 0 else 1e-3
-        x_adv = pgd_in_set(pair, x64, torch.zeros(len(targets), dtype=torch.long), replace(self.input_set, eps=radius),
+        x_adv = pgd_in_set(pair, x64, torch.zeros(len(targets), dtype=torch.long), replace(input_set, eps=radius),
                            steps=self.attack_steps, step_size=step, restarts=self.milp_attack_restarts,
                            generator=torch.Generator().manual_seed(index))
         for point in x_adv:
             if _margin64(self.net64, point, label) <= 0:
-                verified = verified_point(self.net64, x, point, label, self.input_set, index)
+                verified = verified_point(self.net64, x, point, label, input_set, index)
                 if verified is not None:
                     return verified
         return None
 
     def _milp(self, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor, margins: torch.Tensor,
-              bounds: FlatBounds | str) -> None:
+              bounds: FlatBounds | str, input_set: InputSet) -> None:
         """One MIP per open target, stopped at the threshold 0: a proof or a counterexample.
 
         With at least ``milp_attack_min_unstable`` binaries, a targeted attack on each open target
         comes first (rung ``"milp-attack"`` when it hits): a hard MIP takes far longer to find a
         counterexample than PGD with restarts aimed at one target; on small MIPs it does not pay.
         """
-        milp = ExactMILP(self.net64, x, self.input_set, bounds=bounds, time_limit=self.time_limit,
+        milp = ExactMILP(self.net64, x, input_set, bounds=bounds, time_limit=self.time_limit,
                          max_unstable=self.milp_max_unstable)
         if sum(milp.n_unstable) >= self.milp_attack_min_unstable:
-            point = self._targeted_attack(x, label, (~proven).nonzero().flatten(), v.index)
+            point = self._targeted_attack(x, label, (~proven).nonzero().flatten(), v.index, input_set)
             if point is not None:
                 v.verdict, v.rung, v.counterexample = "not_robust", "milp-attack", point
                 return
@@ -287,7 +291,7 @@ class Cascade:
             elif result.status == "target" and result.z_in is not None:
                 point = torch.from_numpy(result.z_in).reshape(x.shape)
                 margins[j] = _margin64(self.net64, point, label)
-                verified = verified_point(self.net64, x, point, label, self.input_set, v.index)
+                verified = verified_point(self.net64, x, point, label, input_set, v.index)
                 if verified is not None:
                     v.verdict, v.rung, v.counterexample = "not_robust", "milp", verified
                     return

@@ -31,7 +31,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from polytope.errors import InvalidInputError, ShapeMismatchError
+from polytope.checks import check_choice, check_objective, check_slopes
+from polytope.errors import ShapeMismatchError, UnknownOptionError
 from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
 from polytope.patches import (
     PatchTerms,
@@ -164,14 +165,13 @@ class DualNetwork:
         order: Order = "auto",
     ) -> None:
         if isinstance(slopes, str) and slopes not in ("fixed", "adaptive"):
-            raise ValueError(
+            raise UnknownOptionError(
                 f"slopes must be 'fixed', 'adaptive' or a list of tensors, got {slopes!r}; "
                 "use polytope.optimize_slopes for optimised slopes"
             )
-        if order not in ("auto", "forward", "backward", "patches"):
-            raise ValueError(f"order must be 'auto', 'forward', 'backward' or 'patches', got {order!r}")
+        check_choice(order, ("auto", "forward", "backward", "patches"), "order")
         if order == "forward" and slopes != "fixed":
-            raise ValueError("the forward order (Algorithm 1) needs fixed slopes alpha = u/(u-l)")
+            raise UnknownOptionError("the forward order (Algorithm 1) needs fixed slopes alpha = u/(u-l)")
         self.net = net
         self.x = x
         self.input_set = input_set
@@ -185,6 +185,7 @@ class DualNetwork:
                 raise ShapeMismatchError(
                     f"custom slopes must have shapes {expected}, got {[tuple(a.shape) for a in self._custom]}"
                 )
+            check_slopes(self._custom)
         self.eps = input_set.validate(x)
         self.biases = [layer.bias(s, x) for layer, s in zip(net.layers, self.shapes[:-1], strict=True)]
         self.relaxations: list[Relaxation] = []
@@ -229,19 +230,22 @@ class DualNetwork:
     # -- the dual network -------------------------------------------------------------------
     def _mode_slope(self, i: int, r: Relaxation) -> torch.Tensor:
         if self._custom is not None:
-            return r.lower_slope(self._custom[i].clamp(0, 1))
+            return r.lower_slope(self._custom[i])
         if self.slopes == "adaptive":
             return r.lower_slope(r.adaptive_slope())
         return r.upper_slope
 
     def _check_objective(self, c: torch.Tensor) -> torch.Tensor:
         n_out = self.shapes[-1][0]
+        if not isinstance(c, torch.Tensor):
+            raise ShapeMismatchError(f"c must be a tensor, got {type(c).__name__}")
         if c.dim() == 2:
             c = c.unsqueeze(0).expand(self.x.shape[0], *c.shape)
         if c.dim() != 3 or c.shape[0] != self.x.shape[0] or c.shape[2] != n_out:
             raise ShapeMismatchError(
                 f"c must be (B={self.x.shape[0]}, m, n_out={n_out}) or (m, {n_out}), got {tuple(c.shape)}"
             )
+        check_objective(c)
         if c.dtype != self.x.dtype or c.device != self.x.device:
             c = c.to(dtype=self.x.dtype, device=self.x.device)
         return c
@@ -249,13 +253,12 @@ class DualNetwork:
     def _check_alpha(self, alpha: list[torch.Tensor], m: int) -> list[torch.Tensor]:
         if len(alpha) != len(self.relaxations):
             raise ShapeMismatchError(f"alpha needs {len(self.relaxations)} tensors, got {len(alpha)}")
+        check_slopes(alpha, "alpha")
         out = []
         for i, (a, r) in enumerate(zip(alpha, self.relaxations, strict=True)):
             shape = tuple(r.lower.shape)
             if tuple(a.shape) not in (shape, (shape[0], m, *shape[1:])):
                 raise ShapeMismatchError(f"alpha[{i}] must be {shape} or (B, m, ...), got {tuple(a.shape)}")
-            if not torch.isfinite(a).all() or (a < 0).any() or (a > 1).any():
-                raise InvalidInputError(f"alpha[{i}] must lie in [0, 1]")
             out.append(r.lower_slope(a.to(self.x.dtype)))
         return out
 
@@ -326,8 +329,11 @@ class DualNetwork:
 
     @property
     def _shortcut_applies(self) -> bool:
-        """Layers 0 and 1 are single convolutions whose unit patches are known (see patches.py)."""
-        return self.order in ("auto", "patches") and len(self.relaxations) >= 1 and conv_prefix(self.net, 1) is not None
+        """Layers 0 and 1 are single convolutions whose unit patches are known (see patches.py).
+
+        An empty batch takes the plain passes (the patch folds need at least one example)."""
+        return (self.order in ("auto", "patches") and self.x.shape[0] > 0 and len(self.relaxations) >= 1
+                and conv_prefix(self.net, 1) is not None)
 
     @cached_property
     def _prefix_terms(self) -> PatchTerms:
@@ -509,7 +515,9 @@ class DualNetwork:
         return torch.nn.functional.one_hot(units, numel(shape)).to(self.x.dtype).reshape(*units.shape, *shape)
 
     def _patches_apply(self, i: int) -> bool:
-        return i > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall) and conv_prefix(self.net, i) is not None
+        """Receptive-field bounds for layer ``i``: a convolutional prefix over an l_inf set, a non-empty batch."""
+        return (i > 0 and self.x.shape[0] > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall)
+                and conv_prefix(self.net, i) is not None)
 
     def _bounds_patches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds on a convolutional layer from the dual network on receptive fields only.

@@ -53,3 +53,20 @@ class PropertyFileError(PolytopeError, ValueError):
 
 class UnsupportedPropertyError(PropertyFileError):
     """A well-formed VNN-LIB property outside what polytope verifies (e.g. non-box input constraints)."""
+
+
+class InvalidObjectiveError(InvalidInputError):
+    """An objective ``c`` or a cutoff that holds NaN or inf."""
+
+
+class InvalidSlopesError(InvalidInputError):
+    """Lower slopes ``alpha`` that hold NaN or lie outside ``[0, 1]`` (Theorem 1 needs ``0 <= alpha <= 1``)."""
+
+
+class UnknownOptionError(PolytopeError, ValueError):
+    """A ``method``, ``slopes``, ``order``, ``bounds`` or rung name that is not one of the choices (or a
+    combination of them that is not supported)."""
+
+
+class DeviceError(PolytopeError, ValueError):
+    """A torch device name that is malformed or names a device this machine does not have."""

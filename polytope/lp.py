@@ -48,6 +48,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from polytope.checks import check_choice, check_objective
 from polytope.dual import DualNetwork
 from polytope.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.network import Network, Shape, numel
@@ -100,10 +101,28 @@ class LPResult:
     layers: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
     iterations: int = 0
 
+    def __post_init__(self) -> None:
+        """No NaN or inf under a status that claims a proof: ``optimal`` needs a finite ``value``, ``cutoff``
+        a finite ``bound`` (``min >= bound``); anything else is a solver fault (:class:`SolverError`)."""
+        if self.status == "optimal" and not math.isfinite(self.value):
+            raise SolverError(f"the solver reported an optimum with value {self.value} ({self.message})")
+        if self.status == "cutoff" and not math.isfinite(self.bound):
+            raise SolverError(f"the solver reported a cutoff proof with bound {self.bound} ({self.message})")
+
     @property
     def success(self) -> bool:
         """``True`` when the solve ended at a proven optimum."""
         return self.status == "optimal"
+
+
+def objective_vector(c: Any, n_out: int) -> np.ndarray:
+    """``c`` as a float64 vector of ``n_out`` entries; :class:`ShapeMismatchError` or
+    :class:`~polytope.errors.InvalidObjectiveError` (NaN or inf) otherwise."""
+    c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
+    if c_np.size != n_out:
+        raise ShapeMismatchError(f"c must have {n_out} entries, got shape {tuple(np.shape(c))}")
+    check_objective(c_np)
+    return c_np
 
 
 def status_name(model_status: highspy.HighsModelStatus) -> str:
@@ -530,8 +549,7 @@ class RelaxedLP:
         self.bound_failures = 0
 
         if isinstance(bounds, str):
-            if bounds not in ("dual", "lp-all"):
-                raise ValueError(f"bounds must be 'dual', 'lp-all' or a list of (l, u), got {bounds!r}")
+            check_choice(bounds, ("dual", "lp-all"), "bounds (or give a list of (l, u))")
             self.dual, flat = dual_bounds(self.net, self.x, input_set)
         else:
             flat = check_bounds(bounds, self.shapes)
@@ -566,10 +584,8 @@ class RelaxedLP:
         ]
 
     def solve(self, c: Any, warm_start: bool | None = None) -> LPResult:
-        """Minimise ``c^T zhat_k`` over eq. (19); ``c: (n_out,)``."""
-        c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
-        if c_np.size != self.n_out:
-            raise ShapeMismatchError(f"c must have {self.n_out} entries, got shape {tuple(np.shape(c))}")
+        """Minimise ``c^T zhat_k`` over eq. (19); ``c: (n_out,)``, finite."""
+        c_np = objective_vector(c, self.n_out)
         warm = self.warm_start if warm_start is None else warm_start
         self.model.set_objective(self.cols.zhat[-1], c_np)
         status, seconds, message = self.model.run(self.time_limit, warm)
@@ -680,8 +696,7 @@ class RelaxedLPCvxpy:
         self.x = batch_of_one(self.net, x)
         self.shapes = self.net.shapes(tuple(self.x.shape[1:]))
         if isinstance(bounds, str):
-            if bounds != "dual":
-                raise ValueError("RelaxedLPCvxpy takes bounds='dual' or a list of (l, u)")
+            check_choice(bounds, ("dual",), "bounds for RelaxedLPCvxpy (or give a list of (l, u))")
             _, flat = dual_bounds(self.net, self.x, input_set)
         else:
             flat = check_bounds(bounds, self.shapes)
@@ -734,7 +749,7 @@ class RelaxedLPCvxpy:
 
     def solve(self, c: Any) -> LPResult:
         cp = self._cp
-        self.c.value = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
+        self.c.value = objective_vector(c, self.shapes[-1][0])
         start = time.perf_counter()
         try:
             self.problem.solve(solver=self.solver)
@@ -766,6 +781,7 @@ def cp_mul(coef: np.ndarray, var):
 def _objective_batch(dual: DualNetwork, c: torch.Tensor) -> torch.Tensor:
     """``c`` as ``(B, m, n_out)`` on the dual's dtype and device."""
     c = torch.as_tensor(c).to(dtype=dual.x.dtype, device=dual.x.device)
+    check_objective(c)
     if c.dim() == 2:
         c = c.unsqueeze(0).expand(dual.x.shape[0], *c.shape)
     n_out = dual.shapes[-1][0]
@@ -811,6 +827,7 @@ def optimize_alpha(
     ``-eps ||g||_inf`` term puts the optimum on ridges (there, use ~1000 steps).
     :meth:`RelaxedLP.alpha_from_duals` gives the exact maximiser (``J`` = LP).
     """
+    check_choice(optimizer, ("adam", "sgd"), "optimizer")
     with _frozen(dual.net.module):
         return _optimize_alpha(dual, _objective_batch(dual, c), steps, lr, lr_final, optimizer)
 
@@ -949,6 +966,8 @@ def tightness_rows(
     if not 0 <= y < n_out:
         raise ShapeMismatchError(f"label {y} is not a class of a network with {n_out} outputs")
     targets = [j for j in range(n_out) if j != y] if targets is None else [int(j) for j in targets]
+    if any(not 0 <= j < n_out for j in targets):
+        raise ShapeMismatchError(f"targets must be classes in [0, {n_out}), got {targets}")
     eye = torch.eye(n_out, dtype=torch.float64)
     cs = torch.stack([eye[y] - eye[j] for j in targets]) if targets else torch.zeros(0, n_out, dtype=torch.float64)
     m = max(len(targets), 1)

@@ -19,9 +19,9 @@ from typing import Any
 
 import highspy
 import numpy as np
-import torch
 
-from polytope.errors import ShapeMismatchError, SolverError
+from polytope.checks import check_choice, check_cutoff
+from polytope.errors import SolverError
 from polytope.lp import (
     BoundsSpec,
     HighsModel,
@@ -36,6 +36,7 @@ from polytope.lp import (
     check_memory,
     dual_bounds,
     extract,
+    objective_vector,
     relu_sets,
     solver_options,
 )
@@ -111,7 +112,7 @@ class ExactMILP:
         if bounds == "lp-all":
             return RelaxedLP(self.net, self.x, input_set, bounds="lp-all", time_limit=self.time_limit).bounds
         if isinstance(bounds, str):
-            raise ValueError(f"bounds must be None, 'dual', 'lp-all' or a list of (l, u), got {bounds!r}")
+            check_choice(bounds, ("dual", "lp-all"), "bounds (or give None or a list of (l, u))")
         return check_bounds(bounds, self.shapes)
 
     @property
@@ -127,12 +128,11 @@ class ExactMILP:
         objective ``<= t`` (status ``"target"``; ``z_in`` is that counterexample).  In both
         cases ``value`` is NaN: it is not the minimum.
         """
-        c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
-        if c_np.size != self.n_out:
-            raise ShapeMismatchError(f"c must have {self.n_out} entries, got {c_np.size}")
+        c_np = objective_vector(c, self.n_out)
+        cutoff = check_cutoff(cutoff)
         h = self.model.h
-        h.setOptionValue("objective_bound", highspy.kHighsInf if cutoff is None else float(cutoff))
-        h.setOptionValue("objective_target", -highspy.kHighsInf if cutoff is None else float(cutoff))
+        h.setOptionValue("objective_bound", highspy.kHighsInf if cutoff is None else cutoff)
+        h.setOptionValue("objective_target", -highspy.kHighsInf if cutoff is None else cutoff)
         self.model.set_objective(self.cols.zhat[-1], c_np)
         status, seconds, message = self.model.run(self.time_limit, warm=False)
         info = h.getInfo()
@@ -140,7 +140,7 @@ class ExactMILP:
         has_point = int(info.primal_solution_status) == 2  # kSolutionStatusFeasible
         if cutoff is not None:
             incumbent = self.model.objective_value() if has_point else math.inf
-            status, bound, message = _cutoff_outcome(status, dual_bound, float(cutoff), message, incumbent)
+            status, bound, message = _cutoff_outcome(status, dual_bound, cutoff, message, incumbent)
         elif status == "optimal":
             bound = min(dual_bound, self.model.objective_value())
         else:

@@ -18,8 +18,6 @@ the float64 one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
-
 import torch
 
 from polytope.network import Network
@@ -56,14 +54,6 @@ def rounding_tolerance(net: Network, x: torch.Tensor, input_set: InputSet) -> to
     return ROUNDING_SAFETY * torch.finfo(x.dtype).eps * magnitude_bound(net, x, input_set)
 
 
-def select(input_set: InputSet, index: torch.Tensor, batch: int) -> InputSet:
-    """The set for the examples ``index`` of a batch of ``batch`` (a per-example ``eps`` is indexed)."""
-    eps = input_set.eps
-    if isinstance(eps, torch.Tensor) and eps.numel() == batch and batch > 1:
-        return replace(input_set, eps=eps.reshape(-1)[index.to(eps.device)])
-    return input_set
-
-
 def settle_in_float64(net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet,
                       margins: torch.Tensor, recompute: Recompute, net64: Network | None = None) -> torch.Tensor:
     """``margins`` ``(B, n)`` with every example near zero replaced by its float64 recomputation.
@@ -87,7 +77,7 @@ def settle_in_float64(net: Network, x: torch.Tensor, y: torch.Tensor, input_set:
     net64 = net64 if net64 is not None else as_float64(net)
     cpu = index.cpu()
     exact = recompute(net64, cpu, x[index].detach().cpu().double(), y[index].cpu(),
-                      select(input_set, cpu, x.shape[0]))
+                      input_set.subset(x.shape[0], cpu))
     out = margins.clone()
     out[index] = exact.detach().to(dtype=out.dtype, device=out.device)
     return out

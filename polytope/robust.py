@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from polytope.checks import check_choice, check_labels
 from polytope.dual import DualNetwork, Slopes
 from polytope.errors import InvalidInputError, ShapeMismatchError
 from polytope.network import Network
@@ -14,6 +15,9 @@ from polytope.parallel import map_chunks
 from polytope.precision import settle_in_float64
 from polytope.sets import InputSet, check_finite
 from polytope.slopes import optimize_slopes
+
+METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "milp", "cascade")
+"""The ``method`` choices of :func:`certify`."""
 
 MARGIN_CHUNK = 16
 """Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
@@ -27,8 +31,7 @@ def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> tor
     """
     if y.dim() != 1:
         raise ShapeMismatchError(f"labels must be a vector (B,), got shape {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise InvalidInputError(f"labels must lie in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]")
+    check_labels(y, n_classes)
     eye = torch.eye(n_classes, dtype=dtype, device=y.device)
     return eye[y].unsqueeze(1) - eye.unsqueeze(0)
 
@@ -37,8 +40,10 @@ def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tens
     net.check_input(x)
     check_finite(x)
     if y is not None:
-        if y.shape[0] != x.shape[0]:
-            raise ShapeMismatchError(f"{y.shape[0]} labels for a batch of {x.shape[0]} examples")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ShapeMismatchError(f"labels must be a vector of {x.shape[0]} (one per example), got shape "
+                                     f"{tuple(y.shape)}")
+        check_labels(y, net.shapes(tuple(x.shape[1:]))[-1][0])
         return y.to(x.device)
     with torch.no_grad():
         return net.forward(x).argmax(1)
@@ -51,6 +56,8 @@ def margin_bounds(
 
     ``slopes="optimized"`` runs :func:`polytope.slopes.optimize_slopes` (default budget).
     """
+    if isinstance(slopes, str):
+        check_choice(slopes, ("fixed", "adaptive", "optimized"), "slopes")
     c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
     if slopes == "optimized":
         return optimize_slopes(net, x, input_set, c)[0]
@@ -79,8 +86,12 @@ def robust_loss(
     """Theorem 2: mean cross-entropy of ``-J`` and the robust error (fraction not certified).
 
     The error follows the float policy of :func:`certify` (near-zero margins decided in float64);
-    the loss is the bound of ``x``'s own dtype.
+    the loss is the bound of ``x``'s own dtype.  Both are means over the batch: an empty batch raises
+    :class:`InvalidInputError` (the per-example functions -- :func:`certify`, :func:`margin_bounds`,
+    :class:`DualNetwork` -- return empty results).
     """
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise InvalidInputError("robust_loss needs a non-empty batch: its mean over no examples is undefined")
     y = _labels(net, x, y)
     margins = margin_bounds(net, x, y, input_set, slopes)
     loss = F.cross_entropy(-margins, y)
@@ -102,7 +113,7 @@ def certify(
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
     (:func:`polytope.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
     ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
-    see :mod:`polytope.cascade`).
+    see :mod:`polytope.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
 
     Float policy (``docs/float_policy.md``): a certificate never rests on lower-precision rounding.
     For a network and inputs in float32 (or any dtype but float64), every example whose worst
@@ -111,13 +122,14 @@ def certify(
     so ``tau`` scales with the outputs -- is recomputed in float64 from a float64 copy of the same
     weights, and the float64 value decides.  The LP and MILP rungs always run in float64.
     """
+    check_choice(method, METHODS, "method")
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "milp", "cascade"):
         from polytope.cascade import RUNGS, Cascade
 
         rungs = RUNGS if method == "cascade" else (method,)
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))
-        return torch.tensor([v.verdict == "certified" for v in verdicts], device=x.device)
+        return torch.tensor([v.verdict == "certified" for v in verdicts], dtype=torch.bool, device=x.device)
     return certified_by_margins(certificate_margins(net, x, y, input_set, method), y)
 
 
@@ -130,11 +142,8 @@ def certificate_margins(net: Network, x: torch.Tensor, y: torch.Tensor, input_se
     rows of examples whose worst margin lies within the rounding tolerance of zero are recomputed
     in float64 (:func:`polytope.precision.settle_in_float64`; see :func:`certify`).
     """
-    slopes = {"dual": "fixed", "fixed": "fixed", "adaptive": "adaptive", "optimized": "optimized"}.get(method)
-    if slopes is None:
-        raise ValueError(
-            f"unknown method {method!r}: use 'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'milp' or 'cascade'"
-        )
+    slopes = {"dual": "fixed", "adaptive": "adaptive", "optimized": "optimized"}[
+        check_choice(method, ("dual", "adaptive", "optimized"), "bound method")]
     margins = _method_margins(net, x, y, input_set, slopes)
     return settle_in_float64(net, x, y, input_set, margins,
                              lambda net64, _, x64, y64, s64: _method_margins(net64, x64, y64, s64, slopes))

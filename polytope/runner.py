@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from tqdm import tqdm
 
+from polytope.checks import check_device
 from polytope.errors import PolytopeError
 from polytope.store import (
     INDEX_COLUMN,
@@ -775,11 +776,15 @@ def compute_device(args: argparse.Namespace, local_device: str = "cpu") -> str:
 
     In-process runs keep the submitting process's ``local_device``.  Chunks on pool or Dask
     workers use ``--worker-device`` if given, else ``"cpu"`` (workers may have no GPU, and
-    several local processes should not contend for one).
+    several local processes should not contend for one).  A device of this machine (in-process
+    or local pool workers) must exist here: :class:`~polytope.errors.DeviceError` otherwise; a
+    Dask worker's device is the workers' to check.
     """
-    if args.workers > 1 or args.dask_scheduler:
+    if args.dask_scheduler:
         return args.worker_device or "cpu"
-    return local_device
+    device = (args.worker_device or "cpu") if args.workers > 1 else local_device
+    check_device(device)
+    return device
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

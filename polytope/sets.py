@@ -11,7 +11,9 @@ passes), plus sampling and projection for tests and attacks.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -49,6 +51,16 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
         raise InvalidInputError(f"{name} holds NaN or inf values (batch rows {bad[:10]})")
 
 
+def _check_radius(e64: torch.Tensor, eps: object, dtype: torch.dtype) -> None:
+    """Raise :class:`InvalidEpsilonError` unless every radius is finite, ``>= 0`` and fits ``dtype``."""
+    if not bool(torch.isfinite(e64).all()) or bool((e64 < 0).any()):
+        raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
+    if dtype.is_floating_point and bool((e64 > torch.finfo(dtype).max).any()):
+        raise InvalidEpsilonError(
+            f"epsilon {float(e64.max()):g} is not representable in {dtype} (largest {torch.finfo(dtype).max:g})"
+        )
+
+
 @dataclass(frozen=True)
 class InputSet(ABC):
     """A norm ball around each example; ``eps`` is a float or one value per example."""
@@ -60,31 +72,46 @@ class InputSet(ABC):
     """The norm of the ball: ``||x' - x||_p <= eps``."""
 
     def radius(self, x: torch.Tensor) -> torch.Tensor:
-        """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated."""
+        """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated.
+
+        ``eps`` must be a real number (not a string or a bool) or a real tensor of one value or
+        one per example, finite, ``>= 0`` and representable in ``x``'s dtype (1e39 overflows float32).
+        """
         eps = self.eps
         if isinstance(eps, torch.Tensor):
-            e = eps.to(dtype=x.dtype, device=x.device).reshape(-1)
-            if e.numel() == 1:
-                e = e.expand(x.shape[0])
-            elif e.numel() != x.shape[0]:
+            if eps.dtype == torch.bool or eps.is_complex():
+                raise InvalidEpsilonError(f"epsilon must hold real numbers, got a {eps.dtype} tensor")
+            flat = eps.detach().reshape(-1)
+            if flat.numel() != 1 and flat.numel() != x.shape[0]:
                 raise InvalidEpsilonError(
-                    f"epsilon has {e.numel()} values but the batch has {x.shape[0]} examples"
+                    f"epsilon has {flat.numel()} values but the batch has {x.shape[0]} examples"
                 )
+            _check_radius(flat.double(), eps, x.dtype)
+            e = eps.to(dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         else:
-            try:
-                value = float(eps)
-            except (TypeError, ValueError) as exc:
-                raise InvalidEpsilonError(f"epsilon must be a number, got {eps!r}") from exc
-            e = torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
-        if not torch.isfinite(e).all() or (e < 0).any():
-            raise InvalidEpsilonError(f"epsilon must be finite and >= 0, got {eps!r}")
+            if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+                raise InvalidEpsilonError(f"epsilon must be a number or a tensor, got {eps!r}")
+            _check_radius(torch.tensor([float(eps)], dtype=torch.float64), eps, x.dtype)
+            e = torch.full((x.shape[0],), float(eps), dtype=x.dtype, device=x.device)
         return e
 
-    def rows(self, batch: int, start: int, stop: int) -> InputSet:
-        """The set for examples ``start:stop`` of a batch of ``batch`` (per-example ``eps`` sliced)."""
+    def subset(self, batch: int, index: int | slice | Sequence[int] | torch.Tensor) -> InputSet:
+        """The set of the examples ``index`` (an int, a slice, indices or a boolean mask) of a batch of ``batch``.
+
+        A per-example ``eps`` (``batch`` values) is indexed the way the batch is; a shared one is
+        kept.  Every computation on part of a batch takes its set from here.
+        """
         if isinstance(self.eps, torch.Tensor) and self.eps.numel() == batch and batch > 1:
-            return replace(self, eps=self.eps.reshape(-1)[start:stop])
+            if isinstance(index, int):
+                index = [index]
+            if not isinstance(index, slice):
+                index = torch.as_tensor(index, device=self.eps.device)
+            return replace(self, eps=self.eps.reshape(-1)[index])
         return self
+
+    def rows(self, batch: int, start: int, stop: int) -> InputSet:
+        """The set for examples ``start:stop`` of a batch of ``batch`` (:meth:`subset` of a slice)."""
+        return self.subset(batch, slice(start, stop))
 
     def validate(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` (finite, batched) and ``eps``; return ``eps`` as ``(B,)``."""

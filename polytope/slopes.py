@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import torch
 
+from polytope.checks import check_objective
 from polytope.dual import DualNetwork
+from polytope.errors import InvalidInputError
 from polytope.network import Network
 from polytope.sets import InputSet
 
@@ -111,10 +113,11 @@ def optimize_slopes(
     Returns ``(J, slopes)``: ``J: (B, m)`` the best bound seen for each objective (each a valid
     lower bound) and every example's :class:`OptimizedSlopes` when it left the batch.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if patience < 1:
-        raise ValueError(f"patience must be >= 1, got {patience}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise InvalidInputError(f"steps must be an integer >= 0, got {steps!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise InvalidInputError(f"patience must be an integer >= 1, got {patience!r}")
+    check_objective(c)
     if c.dim() == 2:
         c = c.unsqueeze(0).expand(x.shape[0], *c.shape)
     best, start = warm_start(net, x, input_set, c)
@@ -145,7 +148,7 @@ def optimize_slopes(
             active = active[~done]
         leaves = adam.leaves()
         with torch.enable_grad():
-            dual = DualNetwork(net, x[active], input_set, slopes=leaves[:n_bounds])
+            dual = DualNetwork(net, x[active], input_set.subset(x.shape[0], active), slopes=leaves[:n_bounds])
             j = dual.objective(c[active], leaves[n_bounds:] or None)
             pushed = counted[active] & (best[active] <= 0) if until_positive else counted[active]
             grads = torch.autograd.grad((j * pushed).sum(), leaves, allow_unused=True)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import polytope as pt
 from polytope.runner import (
     FailedChunk,
     RunFailedError,
@@ -215,7 +217,12 @@ def test_cli_arguments_to_run_kwargs(tmp_path):
     assert compute_device(args, "cuda") == "cpu"
     defaults = parser.parse_args([])
     assert defaults.store == Path("runs") and defaults.workers == 1 and not defaults.fresh
-    assert compute_device(defaults, "cuda") == "cuda"
+    assert compute_device(defaults, "cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert compute_device(defaults, "cuda") == "cuda"
+    else:  # a device of this machine must exist here (a Dask worker's is the workers' to check)
+        with pytest.raises(pt.DeviceError, match="CUDA is not available"):
+            compute_device(defaults, "cuda")
     remote = parser.parse_args(["--dask-scheduler", "tcp://h:8786", "--worker-device", "cuda:0"])
     assert run_kwargs_from_args(remote)["dask_scheduler"] == "tcp://h:8786"
     assert compute_device(remote, "cpu") == "cuda:0"
