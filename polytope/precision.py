@@ -18,6 +18,7 @@ the float64 one.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 
 from polytope.network import Network
