@@ -7,12 +7,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from polytope.dual import DualNetwork, Slopes
-from polytope.errors import InvalidInputError, ShapeMismatchError
-from polytope.network import Network
-from polytope.parallel import map_chunks
-from polytope.sets import InputSet, check_finite
-from polytope.slopes import optimize_slopes
+from polytope.bounds.dual import DualNetwork, Slopes
+from polytope.bounds.parallel import map_chunks
+from polytope.bounds.slopes import optimize_slopes
+from polytope.model.errors import InvalidInputError, ShapeMismatchError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet, check_finite
 
 MARGIN_CHUNK = 16
 """Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
@@ -48,7 +48,7 @@ def margin_bounds(
 ) -> torch.Tensor:
     """``J(x, g(e_y 1^T - I))``: ``(B, n)`` lower bounds on ``f_y - f_j`` over ``S(x)``; entry ``y`` is 0.
 
-    ``slopes="optimized"`` runs :func:`polytope.slopes.optimize_slopes` (default budget).
+    ``slopes="optimized"`` runs :func:`polytope.bounds.slopes.optimize_slopes` (default budget).
     """
     c = margin_objective(y, net.shapes(tuple(x.shape[1:]))[-1][0], x.dtype)
     if slopes == "optimized":
@@ -93,13 +93,13 @@ def certify(
     """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
 
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
-    (:func:`polytope.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
+    (:func:`polytope.bounds.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
     ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
-    see :mod:`polytope.cascade`).
+    see :mod:`polytope.verify.cascade`).
     """
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "milp", "cascade"):
-        from polytope.cascade import RUNGS, Cascade
+        from polytope.verify.cascade import RUNGS, Cascade
 
         rungs = RUNGS if method == "cascade" else (method,)
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))

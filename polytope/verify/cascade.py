@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from polytope.attacks import pgd
-from polytope.dual import DualNetwork
-from polytope.errors import PolytopeError, SolverError
-from polytope.lp import FlatBounds, RelaxedLP, as_float64
-from polytope.milp import ExactMILP
-from polytope.network import Network
-from polytope.robust import margin_objective, worst_of
-from polytope.sets import InputSet
-from polytope.slopes import optimize_slopes
+from polytope.bounds.dual import DualNetwork
+from polytope.bounds.slopes import optimize_slopes
+from polytope.model.errors import PolytopeError, SolverError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
+from polytope.solvers.lp import FlatBounds, RelaxedLP, as_float64
+from polytope.solvers.milp import ExactMILP
+from polytope.verify.attacks import pgd
+from polytope.verify.robust import margin_objective, worst_of
 
 RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from polytope.errors import InvalidEpsilonError, InvalidInputError
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError
 
 
 def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from polytope.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Bound = float | torch.Tensor

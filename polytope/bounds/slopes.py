@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from polytope.dual import DualNetwork
-from polytope.network import Network
-from polytope.sets import InputSet
+from polytope.bounds.dual import DualNetwork
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
 
 
 class _ProjectedAdam:

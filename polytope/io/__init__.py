@@ -1,0 +1,1 @@
+"""Reading networks, data sets and properties from files."""
