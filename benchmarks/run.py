@@ -220,7 +220,7 @@ def log(msg: str) -> None:
 
 def certified(j: Any, y: Any) -> Any:
     """Corollary 1 on a ``(B, n)`` margin matrix: every ``J_j > 0`` for ``j != y``."""
-    from polytope.robust import certified_by_margins
+    from polytope.verify.robust import certified_by_margins
 
     return certified_by_margins(j, y)
 
@@ -798,7 +798,7 @@ def write_report(s: Suite, started: str, load_start: str, seconds: float) -> Non
         "J matrices. The check compares the (B, 10) matrices entry by entry (tolerance 1e-4).",
         "- B2: `pt.robust_loss` vs `convex_adversarial.robust_loss`, forward + `backward()` to the model's "
         "parameters; losses and gradients are compared.",
-        "- B3: polytope's LP builders (`polytope/lp.py`), HiGHS via highspy (warm: the basis is kept between "
+        "- B3: polytope's LP builders (`polytope/solvers/lp.py`), HiGHS via highspy (warm: the basis is kept between "
         "targets; cold: cleared), cvxpy, and scipy's linprog on the same matrices read back from HiGHS; "
         "float64; bounds l, u from the dual network.",
         "- B5: `ru_maxrss` of a fresh worker process (B1 row: the fresh processes that run B1 at the largest "
@@ -831,8 +831,8 @@ def prepare_data(tmp: Path, n: int) -> Path:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from polytope.data import load_dataset
-    from polytope.models import load_released
+    from polytope.io.data import load_dataset
+    from polytope.io.models import load_released
 
     model = load_released("mnist")
     x, y = load_dataset("mnist", "test", limit=n)

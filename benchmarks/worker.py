@@ -304,8 +304,7 @@ class Polytope(Side):
         """B3: the exact relaxed LP (eq. 19) for all non-true targets of one example, four ways."""
         import numpy as np
 
-        from polytope import lp as lpmod
-
+        from polytope.solvers import lp as lpmod
         pt = self.pt
         idx = req.get("index", 0)
         eps = req.get("eps", EPS_DEFAULT)
@@ -370,8 +369,7 @@ class Polytope(Side):
 
     def cmd_polygon(self, req: dict[str, Any]) -> dict[str, Any]:
         """B4: Figure 6's outer polygons of a random 2-100-100-100-2 network, K directions."""
-        from polytope import polygons
-
+        from polytope.solvers import polygons
         k = req.get("k", 360)
         eps = req.get("eps", EPS_DEFAULT)
         gen = torch.Generator().manual_seed(req.get("seed", 0))

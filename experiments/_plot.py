@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from polytope.network import Network
-from polytope.polygons import Polygon, PolygonComparison, TruePolytope, rasterize
+from polytope.model.network import Network
+from polytope.solvers.polygons import Polygon, PolygonComparison, TruePolytope, rasterize
 
 TRUE_COLOR = "0.45"
 LP_FILL = "#8fd18f"
@@ -147,7 +147,7 @@ def plot_true_polytope(
     """The true polytope as the pixels it covers (a filled, usually non-convex shape).
 
     With the network, cells of the input grid that ``f`` stretches over several pixels are
-    re-sampled (:func:`polytope.polygons.rasterize`); without it, the enumerated points are binned.
+    re-sampled (:func:`polytope.solvers.polygons.rasterize`); without it, the enumerated points are binned.
     """
     if net is not None:
         occupancy = rasterize(net, true.input_box, box, bins=bins)

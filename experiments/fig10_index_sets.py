@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from experiments._plot import save_outputs
 from experiments.fig5_radii import experiment_parser, quick_robust_model
-from polytope.data import load_dataset
-from polytope.dual import DualNetwork
-from polytope.models import load_released
-from polytope.network import Network
-from polytope.sets import LinfBall
+from polytope.bounds.dual import DualNetwork
+from polytope.io.data import load_dataset
+from polytope.io.models import load_released
+from polytope.model.network import Network
+from polytope.model.sets import LinfBall
 
 NAME = "fig10_index_sets"
 SETS = (

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from experiments import _plot
 from polytope import LinfBall, Network, certify, robust_loss
-from polytope.polygons import box_grid
+from polytope.solvers.polygons import box_grid
 
 NAME = "fig3_toy2d"
 WIDTHS = (2, 100, 100, 100, 100, 2)

@@ -2,7 +2,7 @@
 
 For each test example the largest ``eps`` whose certificate (Corollary 2, the predicted class)
 still holds is found by eq. (17)'s safeguarded Newton iteration
-(:func:`polytope.robust.certified_radius`).  The radii are sorted and coloured by whether the
+(:func:`polytope.verify.robust.certified_radius`).  The radii are sorted and coloured by whether the
 example is classified correctly.  The robust model is the paper's released MNIST model
 (eps = 0.1); the standard model is trained here (``mnist`` architecture, ``robust=False``,
 a short run) and cached under ``runs/models/`` so that :mod:`experiments.table1` reuses it.
@@ -40,14 +40,14 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from experiments import _plot
-from polytope.attacks import attack_error, fgsm, pgd
 from polytope.commands.radius import radius_rows
-from polytope.data import load_dataset
-from polytope.models import build_arch, load_released
-from polytope.network import Network
-from polytope.robust import certify
-from polytope.sets import LinfBall
-from polytope.train import TrainConfig, train
+from polytope.io.data import load_dataset
+from polytope.io.models import build_arch, load_released
+from polytope.model.network import Network
+from polytope.model.sets import LinfBall
+from polytope.verify.attacks import attack_error, fgsm, pgd
+from polytope.verify.robust import certify
+from polytope.verify.train import TrainConfig, train
 
 NAME = "fig5_radii"
 #: Where trained models are cached (gitignored ``runs/``).

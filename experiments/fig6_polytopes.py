@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from experiments import _plot
 from polytope import DualNetwork, LinfBall, Network
-from polytope.polygons import PolygonComparison, compare_polygons, random_network
+from polytope.solvers.polygons import PolygonComparison, compare_polygons, random_network
 
 NAME = "fig6_polytopes"
 WIDTHS = (2, 100, 100, 100, 2)

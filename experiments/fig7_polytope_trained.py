@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from experiments import _plot, fig3_toy2d
 from polytope import DualNetwork, LinfBall, Network
-from polytope.polygons import PolygonComparison, compare_polygons, diameter
+from polytope.solvers.polygons import PolygonComparison, compare_polygons, diameter
 
 NAME = "fig7_polytope_trained"
 

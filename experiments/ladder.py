@@ -41,13 +41,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from experiments import _plot
-from polytope.cascade import CounterexampleError, verified_point
 from polytope.commands.certify import certify_table
-from polytope.data import load_dataset
-from polytope.lp import as_float64
-from polytope.models import load_released
-from polytope.network import Network
-from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.io.data import load_dataset
+from polytope.io.models import load_released
+from polytope.model.network import Network
+from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.solvers.lp import as_float64
+from polytope.verify.cascade import CounterexampleError, verified_point
 
 METHODS = ("dual", "adaptive", "cascade", "optimized", "lp", "lp-all")
 #: Which cheaper method's certificates a method inherits (it runs only where that one fails).

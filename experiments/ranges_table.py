@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from experiments import _plot
 from experiments.fig6_polytopes import EPSILONS, random_case
 from polytope import DualNetwork, LinfBall, Network
-from polytope.layerwise import layerwise_bounds
-from polytope.polygons import true_polytope
+from polytope.bounds.layerwise import layerwise_bounds
+from polytope.solvers.polygons import true_polytope
 
 NAME = "ranges_table"
 METHODS = ("true", "lp", "dual", "layerwise")
@@ -38,7 +38,7 @@ METHODS = ("true", "lp", "dual", "layerwise")
 
 def lp_ranges(net: Network, x, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """``min``/``max`` of each output over the relaxed LP (eq. 19) with dual bounds."""
-    from polytope.lp import RelaxedLP
+    from polytope.solvers.lp import RelaxedLP
 
     lp = RelaxedLP(net, x, LinfBall(eps), bounds="dual")
     n = lp.n_out

@@ -38,9 +38,9 @@ from experiments.fig5_radii import (
     standard_model,
     summarize_errors,
 )
-from polytope.data import load_dataset
-from polytope.errors import DatasetError
-from polytope.models import load_released
+from polytope.io.data import load_dataset
+from polytope.io.models import load_released
+from polytope.model.errors import DatasetError
 
 NAME = "table1"
 METRICS = ("test_error", "fgsm_error", "pgd_error", "robust_bound")

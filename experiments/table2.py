@@ -34,9 +34,9 @@ from matplotlib.figure import Figure
 
 from experiments._plot import save_outputs
 from experiments.fig5_radii import error_rates, experiment_parser, summarize_errors, trained_model
-from polytope.data import load_dataset
-from polytope.errors import DatasetError
-from polytope.train import TrainConfig
+from polytope.io.data import load_dataset
+from polytope.model.errors import DatasetError
+from polytope.verify.train import TrainConfig
 
 NAME = "table2"
 #: The paper's Table 2 (HAR, percent): eps -> (test, FGSM, bound).

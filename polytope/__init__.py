@@ -1,7 +1,8 @@
 """polytope: provable robustness of ReLU networks by linear programming (Wong & Kolter 2018)."""
 
-from polytope.dual import DualNetwork, IndexSets, Relaxation, index_sets
-from polytope.errors import (
+from polytope.bounds.dual import DualNetwork, IndexSets, Relaxation, index_sets
+from polytope.bounds.slopes import OptimizedSlopes, optimize_slopes
+from polytope.model.errors import (
     DatasetError,
     DeviceError,
     InvalidEpsilonError,
@@ -16,8 +17,9 @@ from polytope.errors import (
     UnknownOptionError,
     UnsupportedLayerError,
 )
-from polytope.network import Network
-from polytope.robust import (
+from polytope.model.network import Network
+from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.verify.robust import (
     certified_radius,
     certify,
     margin_bounds,
@@ -25,8 +27,6 @@ from polytope.robust import (
     robust_loss,
     worst_margin,
 )
-from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
-from polytope.slopes import OptimizedSlopes, optimize_slopes
 
 __all__ = [
     "BoxedLinfBall",

@@ -1,4 +1,4 @@
-"""Tests of polytope.attacks: constraint satisfaction, loss ascent, the analytic worst case
+"""Tests of polytope.verify.attacks: constraint satisfaction, loss ascent, the analytic worst case
 of a linear classifier, restarts, and input validation."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytope import attacks
-from polytope.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
-from polytope.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
+from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
+from polytope.verify import attacks
 
 
 def small_convnet(seed: int = 0) -> nn.Sequential:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polytope as pt
-from polytope.cascade import RUNGS, Cascade
+from polytope.verify.cascade import RUNGS, Cascade
 
 
 def _net(seed: int, width: int = 10) -> tuple[nn.Sequential, pt.Network]:
@@ -82,7 +82,7 @@ def test_unknown_rung_is_refused() -> None:
 @example(seed=1340, eps=0.2)
 def test_milp_cutoff_agrees_with_the_plain_minimum(seed: int, eps: float) -> None:
     """``solve(c, cutoff=0)`` proves ``min >= 0`` only when the true minimum is >= 0."""
-    from polytope.milp import ExactMILP
+    from polytope.solvers.milp import ExactMILP
 
     _, net = _net(seed)
     x = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))

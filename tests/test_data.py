@@ -1,4 +1,4 @@
-"""Tests of polytope.data: directory resolution, every loader on synthetic files,
+"""Tests of polytope.io.data: directory resolution, every loader on synthetic files,
 every validation error, checksum verification, unpacking, fetching, and the CLI."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import scipy.io
 import torch
 
-from polytope import data
 from polytope.commands import data as data_cmd
-from polytope.errors import DatasetError
+from polytope.io import data
+from polytope.model.errors import DatasetError
 
 REAL_MNIST = data.REPO_DEFAULT_DATA_DIR / "mnist"
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import polytope as pt
-from polytope.attacks import attack_error, pgd
-from polytope.data import load_dataset
-from polytope.errors import DatasetError
-from polytope.models import load_released, released_model_path
+from polytope.io.data import load_dataset
+from polytope.io.models import load_released, released_model_path
+from polytope.model.errors import DatasetError
+from polytope.verify.attacks import attack_error, pgd
 
 torch.set_num_threads(1)
 

@@ -18,10 +18,10 @@ from strategies import build_fc
 from torch import nn
 
 import polytope as pt
-from polytope.dual import DualNetwork
-from polytope.lp import as_float64
-from polytope.precision import ROUNDING_SAFETY, rounding_tolerance
-from polytope.robust import certificate_margins, worst_of
+from polytope.bounds.dual import DualNetwork
+from polytope.bounds.precision import ROUNDING_SAFETY, rounding_tolerance
+from polytope.solvers.lp import as_float64
+from polytope.verify.robust import certificate_margins, worst_of
 
 EPS = 2.0**-12  # exactly representable in float32: both precisions bound the same ball
 SCALES = (1.0, 10.0, 100.0, 1000.0)

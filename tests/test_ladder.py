@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from experiments import ladder
-from polytope.data import load_dataset
-from polytope.errors import DatasetError
-from polytope.models import load_released, released_model_path
+from polytope.io.data import load_dataset
+from polytope.io.models import load_released, released_model_path
+from polytope.model.errors import DatasetError
 
 #: 8: PGD finds a counterexample; 18: misclassified; 211: the optimised slopes certify it;
 #: 359: only the exact MILP does (dual, adaptive, optimized, LP and LP-all all fail).

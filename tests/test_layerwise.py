@@ -1,4 +1,4 @@
-"""Tests of polytope.layerwise: the naive interval bounds of Appendix B.1 (eq. 42)."""
+"""Tests of polytope.bounds.layerwise: the naive interval bounds of Appendix B.1 (eq. 42)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import polytope as pt
-from polytope.layerwise import dense_matrix, interval_radius, layerwise_bounds
-from polytope.polygons import random_network
+from polytope.bounds.layerwise import dense_matrix, interval_radius, layerwise_bounds
+from polytope.solvers.polygons import random_network
 
 SETS = [pt.LinfBall(0.1), pt.BoxedLinfBall(0.1), pt.L2Ball(0.2), pt.L1Ball(0.3)]
 

@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 from torch import nn
 
-from polytope.dual import DualNetwork
-from polytope.errors import InvalidInputError, ShapeMismatchError, SolverError
-from polytope.lp import (
+from polytope.bounds.dual import DualNetwork
+from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
+from polytope.model.network import Network
+from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
+from polytope.solvers.lp import (
     BYTES_PER_NONZERO,
     LPResult,
     RelaxedLP,
@@ -37,10 +39,8 @@ from polytope.lp import (
     relu_sets,
     tightness_rows,
 )
-from polytope.milp import ExactMILP
-from polytope.network import Network
-from polytope.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
-from polytope.sparse_ops import layer_matrix, network_matrices
+from polytope.solvers.milp import ExactMILP
+from polytope.solvers.sparse_ops import layer_matrix, network_matrices
 
 SETTINGS = settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-6

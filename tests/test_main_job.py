@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from polytope.cli import main
+from polytope.commands.main import main
 
 
 def test_reproduce_main_quick_writes_every_figure(tmp_path: Path) -> None:

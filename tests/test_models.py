@@ -1,4 +1,4 @@
-"""Tests of polytope.models: architectures, state-dict and pickled-model loading, errors,
+"""Tests of polytope.io.models: architectures, state-dict and pickled-model loading, errors,
 and the released models' clean test error (paper Table 1)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from polytope import data, models
-from polytope.errors import DatasetError, ModelFileError
+from polytope.io import data, models
+from polytope.model.errors import DatasetError, ModelFileError
 
 RELEASED_DIR = models.DEFAULT_MODELS_DIR
 CONV_KEYS = ["0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias", "7.weight", "7.bias"]

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import polytope as pt
-from polytope.errors import ModelFileError, UnsupportedGraphError, UnsupportedOperatorError
 from polytope.io.onnx_import import load_onnx, read_onnx
-from polytope.network import Conv2dOp, LinearOp
+from polytope.model.errors import ModelFileError, UnsupportedGraphError, UnsupportedOperatorError
+from polytope.model.network import Conv2dOp, LinearOp
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -373,7 +373,7 @@ def test_unbatched_input_and_output_layout_change(tmp_path):
 
 def test_released_mnist_model_round_trip(tmp_path):
     """The paper's released MNIST conv net, exported and imported: same outputs and the same dual bound."""
-    from polytope.models import load_released, released_model_path
+    from polytope.io.models import load_released, released_model_path
 
     if not released_model_path("mnist").exists():
         pytest.skip(f"released MNIST model not found at {released_model_path('mnist')}")

@@ -1,4 +1,4 @@
-"""Chunks of a batch on several threads (:mod:`polytope.parallel`): same numbers, same gradients."""
+"""Chunks of a batch on several threads (:mod:`polytope.bounds.parallel`): same numbers, same gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from strategies import DTYPE, ConvSpec, build_conv
 
 import polytope as pt
-from polytope.parallel import map_chunks
-from polytope.robust import MARGIN_CHUNK
+from polytope.bounds.parallel import map_chunks
+from polytope.verify.robust import MARGIN_CHUNK
 
 
 @pytest.fixture

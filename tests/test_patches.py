@@ -1,4 +1,4 @@
-"""The receptive-field kernels of the dual (polytope/patches.py) against plain dense computations.
+"""The receptive-field kernels of the dual (polytope/bounds/patches.py) against plain dense computations.
 
 The cell pass (two convolutions, linear) must give the same patches, bias and ReLU terms as the
 generic patch pass; the tiled fold must equal summing the patches as dense input-sized rows.
@@ -15,8 +15,8 @@ from strategies import DTYPE, fast, seeds
 from torch import nn
 
 import polytope as pt
-from polytope.network import Conv2dOp
-from polytope.patches import fold_patches, patch_backward
+from polytope.bounds.patches import fold_patches, patch_backward
+from polytope.model.network import Conv2dOp
 
 geometry = st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(0, 2))  # kernel, stride, padding
 

@@ -13,9 +13,9 @@ import torch
 from strategies import build_fc, make_set
 
 import polytope as pt
-from polytope.cascade import Cascade
-from polytope.robust import certificate_margins, margin_objective
-from polytope.slopes import optimize_slopes
+from polytope.bounds.slopes import optimize_slopes
+from polytope.verify.cascade import Cascade
+from polytope.verify.robust import certificate_margins, margin_objective
 
 # per set kind: radii from 0 (the point itself) to wide enough that examples reach the LP and MILP rungs
 # and some are not robust

@@ -1,4 +1,4 @@
-"""Tests of polytope.polygons (Appendix B.1, Figures 6-7) and the experiments' quick runs."""
+"""Tests of polytope.solvers.polygons (Appendix B.1, Figures 6-7) and the experiments' quick runs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import polytope as pt
-from polytope import polygons as pg
-from polytope.errors import ShapeMismatchError
+from polytope.model.errors import ShapeMismatchError
+from polytope.solvers import polygons as pg
 
 SMALL = (2, 40, 40, 2)
 

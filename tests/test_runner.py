@@ -1,4 +1,4 @@
-"""Tests of the resumable batch runner (polytope.runner) and its Parquet results store.
+"""Tests of the resumable batch runner (polytope.runs.runner) and its Parquet results store.
 
 The compute functions live at the top level of this module so that spawned pool processes
 and Dask workers can import them (``test_runner`` is importable from ``tests/``).
@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polytope as pt
-from polytope.runner import (
+from polytope.runs.runner import (
     FailedChunk,
     RunFailedError,
     RunSpec,
@@ -37,7 +37,7 @@ from polytope.runner import (
     summarize,
     write_csv,
 )
-from polytope.store import ResultStore, StoreWarning
+from polytope.runs.store import ResultStore, StoreWarning
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -358,7 +358,7 @@ def test_interrupted_write_leaves_no_part(tmp_path, monkeypatch):
     def crash(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("polytope.store.os.replace", crash)
+    monkeypatch.setattr("polytope.runs.store.os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
         store.write_part(expected([0, 1]), [0, 1])
     monkeypatch.undo()
@@ -436,7 +436,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from test_runner import Payload, spec_for, toy_chunk
-    from polytope.runner import run
+    from polytope.runs.runner import run
     run(spec_for(n=40, chunk_size=4), toy_chunk, payload=Payload(log={log!r}, sleep=0.05, hang_at=13),
         store_dir={store!r}, progress=False)
     """
@@ -628,7 +628,7 @@ def test_dask_payload_lost_with_all_workers_is_scattered_again(tmp_path, monkeyp
     assert_same(df, expected(range(20)))
     assert client.scatters == 2 and client.submits == 5 + 3
 
-    monkeypatch.setattr("polytope.runner.MAX_PAYLOAD_RESCATTERS", 2)
+    monkeypatch.setattr("polytope.runs.runner.MAX_PAYLOAD_RESCATTERS", 2)
     client = _LossyClient(lose=10**6)
     with pytest.raises(RunFailedError, match="lost the payload 3 times"):
         run(spec_for(n=20), toy_chunk, payload=Payload(), store_dir=tmp_path / "b", dask_scheduler=client,

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polytope as pt
-import polytope.slopes as slopes_module
-from polytope.milp import ExactMILP
+import polytope.bounds.slopes as slopes_module
+from polytope.solvers.milp import ExactMILP
 
 
 def _fc(seed: int) -> nn.Sequential:
@@ -146,7 +146,7 @@ def test_until_positive_is_sound_and_stops_certified_examples(seed: int, eps: fl
     x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     y = net.forward(x).argmax(1)
     y[:2] = (y[:2] + 1) % 3  # two misclassified examples: nothing can certify them
-    c = pt.robust.margin_objective(y, 3, torch.float64)
+    c = pt.margin_objective(y, 3, torch.float64)
     input_set = pt.LinfBall(eps)
     j_fixed = pt.DualNetwork(net, x, input_set).objective(c)
     j_adaptive = pt.DualNetwork(net, x, input_set, slopes="adaptive").objective(c)
@@ -154,7 +154,7 @@ def test_until_positive_is_sound_and_stops_certified_examples(seed: int, eps: fl
     j_opt, _ = pt.optimize_slopes(net, x, input_set, c, steps=15, until_positive=True)
     assert (j_opt >= start - 1e-12).all()
     assert (j_opt[:, :].gather(1, y[:, None]) == 0).all()  # the trivial row c = 0 stays J = 0
-    already = pt.robust.certified_by_margins(start, y)
+    already = pt.verify.robust.certified_by_margins(start, y)
     skipped = already.clone()
     skipped[:2] = True
     assert torch.equal(j_opt[skipped], start[skipped])  # certified at the warm start or hopeless: no step

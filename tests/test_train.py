@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from polytope.errors import InvalidEpsilonError, ModelFileError
-from polytope.train import TrainConfig, epsilon_at, train
+from polytope.model.errors import InvalidEpsilonError, ModelFileError
+from polytope.verify.train import TrainConfig, epsilon_at, train
 
 
 def _toy(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

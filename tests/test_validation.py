@@ -21,10 +21,10 @@ from strategies import build_fc
 from torch import nn
 
 import polytope as pt
-from polytope.cascade import Cascade
-from polytope.checks import check_device
-from polytope.lp import LPResult, RelaxedLP, RelaxedLPCvxpy, optimize_alpha, tightness_rows
-from polytope.milp import ExactMILP
+from polytope.model.checks import check_device
+from polytope.solvers.lp import LPResult, RelaxedLP, RelaxedLPCvxpy, optimize_alpha, tightness_rows
+from polytope.solvers.milp import ExactMILP
+from polytope.verify.cascade import Cascade
 
 NAN = float("nan")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_milp_nan_objective_is_refused_not_hung() -> None:
     """HiGHS hangs on a NaN cost (no signal interrupts it): the check runs in a child with a timeout."""
     code = textwrap.dedent("""
         import torch, polytope as pt
-        from polytope.milp import ExactMILP
+        from polytope.solvers.milp import ExactMILP
         net = pt.Network.from_torch(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
                                                         torch.nn.Linear(6, 3)).double())
         milp = ExactMILP(net, torch.full((4,), 0.5, dtype=torch.float64), pt.LinfBall(0.5))

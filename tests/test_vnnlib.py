@@ -8,8 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from polytope.errors import PropertyFileError, UnsupportedPropertyError
 from polytope.io.vnnlib import Halfspaces, parse_vnnlib, read_vnnlib
+from polytope.model.errors import PropertyFileError, UnsupportedPropertyError
 
 
 def _v1(n_x: int, n_y: int, asserts: str) -> str:

@@ -5,7 +5,7 @@
 Columns: ``index, label, prediction, correct, certified, margin_lower`` where
 ``margin_lower = min_{j != y} J_j`` (eq. 15) is a lower bound on ``f_y - f_j`` over the ball:
 the example is certified exactly when it is positive.  Runs are resumable (see
-:mod:`polytope.runner`).
+:mod:`polytope.runs.runner`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polytope.cascade import RUNGS, Cascade, Verdict
 from polytope.commands import common
-from polytope.network import Network
-from polytope.robust import certificate_margins, worst_of
-from polytope.runner import (
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
+from polytope.runs.runner import (
     RunSpec,
     add_runner_arguments,
     compute_device,
@@ -34,7 +33,8 @@ from polytope.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.sets import InputSet
+from polytope.verify.cascade import RUNGS, Cascade, Verdict
+from polytope.verify.robust import certificate_margins, worst_of
 
 SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
 #: Methods whose algorithm changed since their first stored results: the revision joins the run

@@ -7,10 +7,10 @@ import argparse
 import torch
 from torch import nn
 
-from polytope import data, models
-from polytope.errors import InvalidEpsilonError, InvalidInputError
-from polytope.network import Network
-from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.io import data, models
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError
+from polytope.model.network import Network
+from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polytope import data
-from polytope.errors import PolytopeError
+from polytope.io import data
+from polytope.model.errors import PolytopeError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

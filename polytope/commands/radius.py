@@ -3,10 +3,10 @@
     polytope radius --model released:mnist --data mnist --limit 1000 --out radii.csv
 
 For each example this finds the largest ``eps`` with ``min_{j != f(x)} J_eps(x, g(e_f(x) 1^T - I))_j >= 0``
-by the safeguarded Newton iteration of :func:`polytope.robust.certified_radius` (the paper's
+by the safeguarded Newton iteration of :func:`polytope.verify.robust.certified_radius` (the paper's
 Figure 5).  The radius is certified for the *predicted* class (Corollary 2); for a correctly
 classified example that is the label.  Columns: ``index, label, prediction, correct, radius,
-newton_steps`` (and ``seconds`` per example).  Runs are resumable (see :mod:`polytope.runner`).
+newton_steps`` (and ``seconds`` per example).  Runs are resumable (see :mod:`polytope.runs.runner`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 
 from polytope.commands import common
-from polytope.errors import InvalidInputError
-from polytope.network import Network
-from polytope.robust import certified_radius
-from polytope.runner import (
+from polytope.model.errors import InvalidInputError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet, L1Ball, L2Ball, LinfBall
+from polytope.runs.runner import (
     RunSpec,
     add_runner_arguments,
     compute_device,
@@ -32,7 +32,7 @@ from polytope.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.sets import InputSet, L1Ball, L2Ball, LinfBall
+from polytope.verify.robust import certified_radius
 
 NORMS: dict[str, type] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
 

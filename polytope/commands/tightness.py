@@ -18,11 +18,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from polytope.attacks import pgd
 from polytope.commands import common
-from polytope.lp import tightness_rows
-from polytope.network import Network
-from polytope.runner import RunSpec, add_runner_arguments, model_hash, run, run_kwargs_from_args, write_csv
+from polytope.model.network import Network
+from polytope.runs.runner import RunSpec, add_runner_arguments, model_hash, run, run_kwargs_from_args, write_csv
+from polytope.solvers.lp import tightness_rows
+from polytope.verify.attacks import pgd
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

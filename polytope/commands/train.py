@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from polytope import data, models
-from polytope.train import TrainConfig, train
+from polytope.io import data, models
+from polytope.verify.train import TrainConfig, train
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Train and draw the learning curves."""
-    from experiments._curves import plot_learning_curves
+    from polytope.commands.curves import plot_learning_curves
 
     torch.manual_seed(args.seed)
     model = models.build_arch(args.arch).to(args.device)

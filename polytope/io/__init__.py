@@ -1,1 +1,1 @@
-"""Front ends: networks and properties from the formats the field exchanges (ONNX, VNN-LIB)."""
+"""Reading networks, data sets and properties from files."""

@@ -1,4 +1,4 @@
-"""Import an ONNX network into polytope's own representation (:class:`~polytope.network.Network`).
+"""Import an ONNX network into polytope's own representation (:class:`~polytope.model.network.Network`).
 
 The graph must be a chain ``x -> ... -> f(x)`` of affine operators and ReLUs (paper eq. 1).  It is
 read node by node; the tensor flowing along the chain is tracked as a *view* of a *base* tensor:
@@ -10,7 +10,7 @@ Mul, Div by constants, BatchNormalization) are kept as one pending ``x * s + t``
 folded into the neighbouring Gemm/MatMul/Conv, so an input normalisation ends up inside the first
 affine layer and consecutive dense maps compose into one matrix (all folding in float64).
 
-Convolutions stay convolutions (``nn.Conv2d``) when polytope's :class:`~polytope.network.Conv2dOp`
+Convolutions stay convolutions (``nn.Conv2d``) when polytope's :class:`~polytope.model.network.Conv2dOp`
 can express them exactly: group 1, dilation 1 and padding that is symmetric or whose extra side is
 never reached by a window.  Otherwise (dilations, asymmetric pads, a convolution of a flat tensor)
 the convolution becomes its exact dense matrix, built from the identity basis in float64, as long
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytope.errors import ModelFileError, UnsupportedGraphError, UnsupportedOperatorError
-from polytope.network import Network
+from polytope.model.errors import ModelFileError, UnsupportedGraphError, UnsupportedOperatorError
+from polytope.model.network import Network
 
 Shape = tuple[int, ...]
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from polytope.errors import PropertyFileError, UnsupportedPropertyError
+from polytope.model.errors import PropertyFileError, UnsupportedPropertyError
 
 #: The most DNF terms a property may expand to.
 MAX_TERMS = 100_000

@@ -12,7 +12,7 @@ Every batch command (``certify``, ``tightness``, ``radius``) is written as
 * a ``payload`` (model, data, device, ...) shipped to each worker once, not per chunk;
 
 and then calls :func:`run`, which splits the missing examples into chunks, executes them,
-commits each finished chunk at once to the :class:`~polytope.store.ResultStore` (one Parquet
+commits each finished chunk at once to the :class:`~polytope.runs.store.ResultStore` (one Parquet
 part per chunk, written atomically), and finally assembles the table from the store::
 
     # in the command's module, at top level (workers import it by name):
@@ -63,9 +63,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from tqdm import tqdm
 
-from polytope.checks import check_device
-from polytope.errors import PolytopeError
-from polytope.store import (
+from polytope.model.checks import check_device
+from polytope.model.errors import PolytopeError
+from polytope.runs.store import (
     INDEX_COLUMN,
     STORE_FORMAT,
     ResultStore,
@@ -345,7 +345,7 @@ def _pool_context(fn: ComputeChunk) -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     module = getattr(fn, "__module__", None)
-    preload = ["__main__", "polytope.runner"] + ([module] if module and module != "__main__" else [])
+    preload = ["__main__", "polytope.runs.runner"] + ([module] if module and module != "__main__" else [])
     ctx.set_forkserver_preload(preload)  # only takes effect if the server is not running yet
     return ctx
 
@@ -777,7 +777,7 @@ def compute_device(args: argparse.Namespace, local_device: str = "cpu") -> str:
     In-process runs keep the submitting process's ``local_device``.  Chunks on pool or Dask
     workers use ``--worker-device`` if given, else ``"cpu"`` (workers may have no GPU, and
     several local processes should not contend for one).  A device of this machine (in-process
-    or local pool workers) must exist here: :class:`~polytope.errors.DeviceError` otherwise; a
+    or local pool workers) must exist here: :class:`~polytope.model.errors.DeviceError` otherwise; a
     Dask worker's device is the workers' to check.
     """
     if args.dask_scheduler:
@@ -789,7 +789,7 @@ def compute_device(args: argparse.Namespace, local_device: str = "cpu") -> str:
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` to a CSV file atomically (temp file, fsync, rename); returns the path."""
-    from polytope.store import atomic_write_bytes
+    from polytope.runs.store import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

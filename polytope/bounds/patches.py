@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polytope.network import Conv2dOp, Network, Shape, numel
+from polytope.model.network import Conv2dOp, Network, Shape, numel
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def conv_prefix(net: Network, depth: int) -> list[Conv2dOp] | None:
 class PatchTerms(NamedTuple):
     """Eq. (6)'s terms for ``c = sign * e_u`` over every unit ``u`` of a convolutional layer.
 
-    Mirrors :class:`polytope.dual.DualTerms` with patches, position-major: ``nu_hat_1`` is
+    Mirrors :class:`polytope.bounds.dual.DualTerms` with patches, position-major: ``nu_hat_1`` is
     ``(B, L, P, C)`` for the ``L = H W`` output positions, ``P = C_0 K K`` patch entries and
     ``C`` channels, and ``bias``, ``relu``, ``relu_neg`` are ``(B, L, C)``; ``geometry`` says
     where each patch sits in the input.

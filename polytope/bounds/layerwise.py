@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
-from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.model.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
+from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 

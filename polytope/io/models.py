@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polytope.errors import ModelFileError
+from polytope.model.errors import ModelFileError
 
 ENV_MODELS_DIR = "POLYTOPE_MODELS"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Sequential]] = {
     "digits_mlp": lambda: _mlp(64, 500, 10),
 }
 
-# Per-example input shape each architecture expects (matching polytope.data's loaders).
+# Per-example input shape each architecture expects (matching polytope.io.data's loaders).
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "mnist": (1, 28, 28),
     "fashion_mnist": (1, 28, 28),

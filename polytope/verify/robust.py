@@ -7,14 +7,14 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from polytope.checks import check_choice, check_labels
-from polytope.dual import DualNetwork, Slopes
-from polytope.errors import InvalidInputError, ShapeMismatchError
-from polytope.network import Network
-from polytope.parallel import map_chunks
-from polytope.precision import settle_in_float64
-from polytope.sets import InputSet, check_finite
-from polytope.slopes import optimize_slopes
+from polytope.bounds.dual import DualNetwork, Slopes
+from polytope.bounds.parallel import map_chunks
+from polytope.bounds.precision import settle_in_float64
+from polytope.bounds.slopes import optimize_slopes
+from polytope.model.checks import check_choice, check_labels
+from polytope.model.errors import InvalidInputError, ShapeMismatchError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet, check_finite
 
 METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "milp", "cascade")
 """The ``method`` choices of :func:`certify`."""
@@ -54,7 +54,7 @@ def margin_bounds(
 ) -> torch.Tensor:
     """``J(x, g(e_y 1^T - I))``: ``(B, n)`` lower bounds on ``f_y - f_j`` over ``S(x)``; entry ``y`` is 0.
 
-    ``slopes="optimized"`` runs :func:`polytope.slopes.optimize_slopes` (default budget).
+    ``slopes="optimized"`` runs :func:`polytope.bounds.slopes.optimize_slopes` (default budget).
     """
     if isinstance(slopes, str):
         check_choice(slopes, ("fixed", "adaptive", "optimized"), "slopes")
@@ -111,21 +111,21 @@ def certify(
     """``(B,)`` booleans: Corollary 1 with labels ``y``, Corollary 2 (predicted class) without.
 
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
-    (:func:`polytope.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
+    (:func:`polytope.bounds.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
     ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
-    see :mod:`polytope.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
+    see :mod:`polytope.verify.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
 
     Float policy (``docs/float_policy.md``): a certificate never rests on lower-precision rounding.
     For a network and inputs in float32 (or any dtype but float64), every example whose worst
     margin bound ``min_{j != y} J_j`` lies within ``tau = 64 * machine_eps(dtype) * max_j a_L[j]``
-    of zero -- ``a_L`` bounds the magnitude of every term of ``J`` (:func:`polytope.precision.magnitude_bound`),
+    of zero -- ``a_L`` bounds the magnitude of every term of ``J`` (:func:`polytope.bounds.precision.magnitude_bound`),
     so ``tau`` scales with the outputs -- is recomputed in float64 from a float64 copy of the same
     weights, and the float64 value decides.  The LP and MILP rungs always run in float64.
     """
     check_choice(method, METHODS, "method")
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "milp", "cascade"):
-        from polytope.cascade import RUNGS, Cascade
+        from polytope.verify.cascade import RUNGS, Cascade
 
         rungs = RUNGS if method == "cascade" else (method,)
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))
@@ -140,7 +140,7 @@ def certificate_margins(net: Network, x: torch.Tensor, y: torch.Tensor, input_se
     ``"optimized"`` stops each example as soon as it is certified (``until_positive``), so its
     margins are valid bounds that are not maximised beyond 0.  In a dtype other than float64 the
     rows of examples whose worst margin lies within the rounding tolerance of zero are recomputed
-    in float64 (:func:`polytope.precision.settle_in_float64`; see :func:`certify`).
+    in float64 (:func:`polytope.bounds.precision.settle_in_float64`; see :func:`certify`).
     """
     slopes = {"dual": "fixed", "adaptive": "adaptive", "optimized": "optimized"}[
         check_choice(method, ("dual", "adaptive", "optimized"), "bound method")]

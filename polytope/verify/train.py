@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from polytope.errors import InvalidEpsilonError, ModelFileError
-from polytope.network import Network
-from polytope.robust import robust_loss
-from polytope.sets import LinfBall
+from polytope.model.errors import InvalidEpsilonError, ModelFileError
+from polytope.model.network import Network
+from polytope.model.sets import LinfBall
+from polytope.verify.robust import robust_loss
 
 
 @dataclass(frozen=True)

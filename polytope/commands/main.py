@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from polytope.errors import PolytopeError
+from polytope.model.errors import PolytopeError
 
 #: Sub-command modules; each has ``add_parser(subparsers)`` setting ``handler=run(args) -> int``.
 COMMANDS = (

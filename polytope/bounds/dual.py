@@ -31,10 +31,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from polytope.checks import check_choice, check_objective, check_slopes
-from polytope.errors import ShapeMismatchError, UnknownOptionError
-from polytope.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
-from polytope.patches import (
+from polytope.bounds.patches import (
     PatchTerms,
     SparseRows,
     channel_major,
@@ -48,7 +45,10 @@ from polytope.patches import (
     prefix_unit_bounds,
     transpose_rows,
 )
-from polytope.sets import BoxedLinfBall, InputSet, LinfBall, rows_dot
+from polytope.model.checks import check_choice, check_objective, check_slopes
+from polytope.model.errors import ShapeMismatchError, UnknownOptionError
+from polytope.model.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
+from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall, rows_dot
 
 Slopes = Literal["fixed", "adaptive", "optimized"]
 Order = Literal["auto", "forward", "backward", "patches"]
@@ -148,7 +148,7 @@ class DualNetwork:
     ``slopes`` picks the lower line of every unstable ReLU, intermediate layers included:
     ``"fixed"`` (the paper's ``alpha = u/(u-l)``, eq. 8), ``"adaptive"`` (1 where
     ``u >= -l``, else 0), or one tensor per ReLU layer, ``(B, *layer_shape)`` in ``[0, 1]``
-    (any choice is sound; :func:`polytope.slopes.optimize_slopes` searches for good ones).
+    (any choice is sound; :func:`polytope.bounds.slopes.optimize_slopes` searches for good ones).
     With slopes other than fixed, the bounds of each ReLU layer after the first are interval
     bounds from the layer below, intersected with the dual's on the units the intervals leave
     unstable (:func:`_tighten`); fixed slopes give the paper's numbers exactly.

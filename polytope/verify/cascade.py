@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from polytope.attacks import pgd_in_set
-from polytope.dual import DualNetwork
-from polytope.errors import PolytopeError, SolverError, UnknownOptionError
-from polytope.lp import FlatBounds, RelaxedLP, as_float64
-from polytope.milp import ExactMILP
-from polytope.network import Network
-from polytope.precision import settle_in_float64
-from polytope.robust import margin_objective, worst_of
-from polytope.sets import InputSet
-from polytope.slopes import optimize_slopes
+from polytope.bounds.dual import DualNetwork
+from polytope.bounds.precision import settle_in_float64
+from polytope.bounds.slopes import optimize_slopes
+from polytope.model.errors import PolytopeError, SolverError, UnknownOptionError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
+from polytope.solvers.lp import FlatBounds, RelaxedLP, as_float64
+from polytope.solvers.milp import ExactMILP
+from polytope.verify.attacks import pgd_in_set
+from polytope.verify.robust import margin_objective, worst_of
 
 RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
 
@@ -85,7 +85,7 @@ def verified_point(net64: Network, x: torch.Tensor, point: torch.Tensor, label: 
     """``point`` as a float64 counterexample in ``S(x)`` when it is misclassified there (margin ``<= 0``).
 
     Membership is tested in float64 on the actual set (:meth:`InputSet.contains`: the l_p ball,
-    intersected with the domain box of :class:`~polytope.sets.BoxedLinfBall`).  A point farther
+    intersected with the domain box of :class:`~polytope.model.sets.BoxedLinfBall`).  A point farther
     than ``r * (1 + ||x||_p + eps)`` outside, ``r = max(tol, n * machine-eps(point.dtype))`` for ``n``
     inputs, raises :class:`CounterexampleError` (that allowance covers the rounding of a float32
     attack's projection and a solver's feasibility tolerance; anything beyond is a bug, never a

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from polytope.network import Network
-from polytope.sets import InputSet
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
 
 ROUNDING_SAFETY = 64.0
 """``tau / (machine_eps * max a_L)``.  On the paper's MNIST model (eps = 0.1) the largest float32
@@ -67,8 +67,8 @@ def settle_in_float64(net: Network, x: torch.Tensor, y: torch.Tensor, input_set:
     margins = margins.detach()
     if x.dtype == torch.float64 or x.shape[0] == 0:
         return margins
-    from polytope.lp import as_float64
-    from polytope.robust import worst_of
+    from polytope.solvers.lp import as_float64
+    from polytope.verify.robust import worst_of
 
     tau = rounding_tolerance(net, x, input_set).to(margins.device)
     worst = worst_of(margins, y.to(margins.device))

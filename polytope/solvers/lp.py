@@ -13,15 +13,15 @@ For one example ``x`` and an objective ``c`` on the output, eq. (19) is::
 Theorem 1's ``J(c, alpha)`` is the objective of its dual, so ``J <= LP <= min c^T f`` and, with
 the same bounds ``l, u``, ``max_alpha J = LP``: :func:`optimize_alpha` closes that gap from
 below.  :class:`RelaxedLP` builds the model once per example (one CSR block per layer from
-:mod:`polytope.sparse_ops`) and only swaps the objective between targets, so each further
+:mod:`polytope.solvers.sparse_ops`) and only swaps the objective between targets, so each further
 target is a warm-started dual simplex from the previous basis.
 
 Input sets: the l_inf ball (and its box-clipped version) is a box on ``z_1``; the l_1 ball adds
 ``t >= |z_1 - x|``, ``sum t <= eps``.  The l_2 ball is not polyhedral: :class:`RelaxedLP`
-refuses it with a :class:`~polytope.errors.SolverError`, and :class:`RelaxedLPCvxpy` solves it
+refuses it with a :class:`~polytope.model.errors.SolverError`, and :class:`RelaxedLPCvxpy` solves it
 as a second-order cone program with Clarabel.
 
-Bounds: ``"dual"`` takes ``l, u`` from :class:`~polytope.dual.DualNetwork` (the paper's
+Bounds: ``"dual"`` takes ``l, u`` from :class:`~polytope.bounds.dual.DualNetwork` (the paper's
 setting); ``"lp-all"`` re-derives them layer by layer by LPs over the relaxation of the earlier
 layers; a list of ``(l, u)`` pairs uses them as given.  Eq. (19) puts no bounds on ``zhat`` of
 stable units (they would make the LP tighter than its dual ``J``), and neither does this model.
@@ -48,12 +48,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from polytope.checks import check_choice, check_objective
-from polytope.dual import DualNetwork
-from polytope.errors import InvalidInputError, ShapeMismatchError, SolverError
-from polytope.network import Network, Shape, numel
-from polytope.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
-from polytope.sparse_ops import SparseAffine, network_matrices
+from polytope.bounds.dual import DualNetwork
+from polytope.model.checks import check_choice, check_objective
+from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
+from polytope.model.network import Network, Shape, numel
+from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.solvers.sparse_ops import SparseAffine, network_matrices
 
 BoundsSpec = Literal["dual", "lp-all"] | Sequence[tuple[Any, Any]]
 FlatBounds = list[tuple[np.ndarray, np.ndarray]]
@@ -117,7 +117,7 @@ class LPResult:
 
 def objective_vector(c: Any, n_out: int) -> np.ndarray:
     """``c`` as a float64 vector of ``n_out`` entries; :class:`ShapeMismatchError` or
-    :class:`~polytope.errors.InvalidObjectiveError` (NaN or inf) otherwise."""
+    :class:`~polytope.model.errors.InvalidObjectiveError` (NaN or inf) otherwise."""
     c_np = torch.as_tensor(c).detach().cpu().double().flatten().numpy()
     if c_np.size != n_out:
         raise ShapeMismatchError(f"c must have {n_out} entries, got shape {tuple(np.shape(c))}")
@@ -361,7 +361,7 @@ def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.
     if isinstance(input_set, L2Ball):
         raise SolverError(
             "the l2 ball is not polyhedral, so eq. (19) over it is a second-order cone program, not an LP: "
-            "use polytope.lp.RelaxedLPCvxpy (solved by Clarabel) for l2 sets"
+            "use polytope.solvers.lp.RelaxedLPCvxpy (solved by Clarabel) for l2 sets"
         )
     if not isinstance(input_set, LinfBall | BoxedLinfBall | L1Ball):
         raise SolverError(f"no LP form for input set {type(input_set).__name__}")
@@ -1019,7 +1019,7 @@ def _milp_rows(
 ) -> list[dict[str, Any]]:
     if not run:
         return _skipped("milp", "skipped", cs.shape[0])
-    from polytope.milp import ExactMILP
+    from polytope.solvers.milp import ExactMILP
 
     try:
         milp, t_build = _timed(

@@ -12,11 +12,11 @@ from typing import NamedTuple
 
 import torch
 
-from polytope.checks import check_objective
-from polytope.dual import DualNetwork
-from polytope.errors import InvalidInputError
-from polytope.network import Network
-from polytope.sets import InputSet
+from polytope.bounds.dual import DualNetwork
+from polytope.model.checks import check_objective
+from polytope.model.errors import InvalidInputError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
 
 
 class _ProjectedAdam:

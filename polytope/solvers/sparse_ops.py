@@ -1,7 +1,7 @@
 """Exact sparse matrices of the network's affine layers, for the LPs of Appendix A.1.
 
 The LP of eq. (19) has one equality block ``zhat_{i+1} = W_i z_i + b_i`` per layer.  Here each
-:class:`~polytope.network.AffineLayer` becomes a ``scipy.sparse`` CSR matrix of shape
+:class:`~polytope.model.network.AffineLayer` becomes a ``scipy.sparse`` CSR matrix of shape
 ``(out_numel, in_numel)`` plus a bias vector, in float64 and in torch's C-order flattening.
 
 A convolution is never materialised densely: its nonzeros are enumerated directly, one per
@@ -17,8 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from polytope.errors import UnsupportedLayerError
-from polytope.network import (
+from polytope.model.errors import UnsupportedLayerError
+from polytope.model.network import (
     AffineLayer,
     BatchNormOp,
     Conv2dOp,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytope.errors import ModelModeError, ShapeMismatchError, UnsupportedLayerError
+from polytope.model.errors import ModelModeError, ShapeMismatchError, UnsupportedLayerError
 
 Shape = tuple[int, ...]
 

@@ -6,7 +6,7 @@ plane:
 * the true adversarial polytope ``Z = f(S(x))`` -- enumerated densely (:func:`true_polytope`):
   the image of a grid of at least ``10^6`` points of the box plus a denser sampling of the
   box's boundary; its convex hull is the smallest convex outer bound any method can reach;
-* the convex outer polytope ``Z~`` of the relaxed LP (eq. 19, :mod:`polytope.lp`): from LP
+* the convex outer polytope ``Z~`` of the relaxed LP (eq. 19, :mod:`polytope.solvers.lp`): from LP
   solves in ``K`` directions ``c_k`` (:func:`lp_polygon`), the supporting half-planes
   ``{z : c_k^T z >= LP(c_k)}`` intersect to an *outer* polygon and the optimal points
   ``z*(c_k)`` span an *inner* one; ``Z~`` lies between the two.  Further directions along the
@@ -15,11 +15,11 @@ plane:
 * the dual polygon (:func:`dual_polygon`): the half-planes ``c_k^T z >= J(c_k)`` of Theorem 1
   (one batched objective call; ``grad_c J`` gives the supporting points, refined the same way);
   ``J <= LP`` so it contains the LP polygon;
-* the naive layerwise box (eqs. 41-42, :mod:`polytope.layerwise`).
+* the naive layerwise box (eqs. 41-42, :mod:`polytope.bounds.layerwise`).
 
 Half-planes are intersected by clipping a bounding box successively
 (:func:`halfplane_polygon`).  Everything here refuses networks whose input or output is not
-2-D with a :class:`~polytope.errors.ShapeMismatchError`.
+2-D with a :class:`~polytope.model.errors.ShapeMismatchError`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from scipy.spatial import ConvexHull, QhullError
 from torch import nn
 from tqdm.auto import tqdm
 
-from polytope.dual import DualNetwork
-from polytope.errors import InvalidInputError, ShapeMismatchError
-from polytope.layerwise import layerwise_bounds
-from polytope.network import LinearOp, Network
-from polytope.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.bounds.dual import DualNetwork
+from polytope.bounds.layerwise import layerwise_bounds
+from polytope.model.errors import InvalidInputError, ShapeMismatchError
+from polytope.model.network import LinearOp, Network
+from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
 
 PointLike = torch.Tensor | np.ndarray | Sequence[float]
 
@@ -612,7 +612,7 @@ def lp_polygon(
     optimal points ``z*(c) in Z~``.  Directions whose solve is not optimal give no half-plane
     (see ``statuses``).  ``max_extra=0`` keeps the ``k`` uniform directions only.
     """
-    from polytope.lp import RelaxedLP  # the LP module needs highspy; import it on demand
+    from polytope.solvers.lp import RelaxedLP  # the LP module needs highspy; import it on demand
 
     start = time.perf_counter()
     x = planar_example(net, x)

@@ -1,5 +1,5 @@
 """Validation of the values every public entry point takes: objectives, cutoffs, slopes, labels,
-option names and device names.  Each raises one named error from :mod:`polytope.errors` before
+option names and device names.  Each raises one named error from :mod:`polytope.model.errors` before
 any work starts."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polytope.errors import (
+from polytope.model.errors import (
     DeviceError,
     InvalidInputError,
     InvalidObjectiveError,

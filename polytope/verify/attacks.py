@@ -5,7 +5,7 @@ loss, FGSM takes one step of size ``eps`` along the gradient sign, PGD takes ``s
 signed steps of size ``step_size`` and projects back onto the l_inf ball after each one,
 returning the last iterate.  By default neither clips to a data domain (as in the
 paper); pass ``clip=(lo, hi)`` to stay inside a box such as ``[0, 1]``.
-:func:`pgd_in_set` runs PGD inside any :class:`~polytope.sets.InputSet` (l_inf, the clipped
+:func:`pgd_in_set` runs PGD inside any :class:`~polytope.model.sets.InputSet` (l_inf, the clipped
 l_inf ball, l2, l1) with a step rule fitting its norm and the set's own projection.
 
 All tensors stay on the device and dtype of ``x``; the model is any callable module
@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from polytope.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
-from polytope.sets import InputSet
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
+from polytope.model.sets import InputSet
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Bound = float | torch.Tensor
@@ -209,14 +209,14 @@ def pgd_in_set(
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """PGD inside an :class:`~polytope.sets.InputSet`: steepest steps for its norm, then its own projection.
+    """PGD inside an :class:`~polytope.model.sets.InputSet`: steepest steps for its norm, then its own projection.
 
     Each step is ``x' <- input_set.project(x, x' + step_size * d)`` with ``d`` from
     :func:`steepest_direction` for the set's norm (``step_size`` is measured in that norm), so
     every iterate lies in the actual set -- the l2 or l1 ball, or the l_inf ball clipped to its
     domain box -- not in a bounding box.  Random starts are points of
-    :meth:`~polytope.sets.InputSet.sample`; restarts are scored as in :func:`pgd`.  For a
-    :class:`~polytope.sets.LinfBall` a run from ``x`` takes the same steps as :func:`pgd` (random starts
+    :meth:`~polytope.model.sets.InputSet.sample`; restarts are scored as in :func:`pgd`.  For a
+    :class:`~polytope.model.sets.LinfBall` a run from ``x`` takes the same steps as :func:`pgd` (random starts
     differ: a sample of the set instead of uniform noise).
     """
     _check_inputs(x, y)

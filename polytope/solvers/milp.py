@@ -20,9 +20,11 @@ from typing import Any
 import highspy
 import numpy as np
 
-from polytope.checks import check_choice, check_cutoff
-from polytope.errors import SolverError
-from polytope.lp import (
+from polytope.model.checks import check_choice, check_cutoff
+from polytope.model.errors import SolverError
+from polytope.model.network import Network
+from polytope.model.sets import InputSet
+from polytope.solvers.lp import (
     BoundsSpec,
     HighsModel,
     LPResult,
@@ -40,16 +42,14 @@ from polytope.lp import (
     relu_sets,
     solver_options,
 )
-from polytope.network import Network
-from polytope.sets import InputSet
-from polytope.sparse_ops import network_matrices
+from polytope.solvers.sparse_ops import network_matrices
 
 
 class ExactMILP:
     """``min_{x' in S(x)} c^T f(x')`` exactly, for one example, by branch and bound in HiGHS.
 
     Args:
-        net, x, input_set: as for :class:`~polytope.lp.RelaxedLP` (l_inf, boxed l_inf, l_1).
+        net, x, input_set: as for :class:`~polytope.solvers.lp.RelaxedLP` (l_inf, boxed l_inf, l_1).
         bounds: ``None`` or ``"dual"`` (Algorithm 1), ``"lp-all"`` (LP-tightened: fewer
             binaries, smaller big-M), or one valid ``(l, u)`` pair per ReLU layer.
         time_limit: seconds per solve; on timeout the status is ``"time_limit"`` and ``bound``

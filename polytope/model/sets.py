@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from polytope.errors import InvalidEpsilonError, InvalidInputError
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError
 
 
 def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ applied: the released models of Wong & Kolter (2018) take raw ``[0, 1]`` pixels.
 
 Files live under one data directory (see :func:`data_dir`), one sub-folder per dataset.
 Every file is validated as it is read; anything missing, truncated or malformed raises
-:class:`~polytope.errors.DatasetError` naming the file.
+:class:`~polytope.model.errors.DatasetError` naming the file.
 
 :func:`fetch` downloads the official files and verifies their checksums.  Downloading is
 one thin function (:func:`download`); checksum verification (:func:`verify_checksum`),
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polytope.errors import DatasetError
+from polytope.model.errors import DatasetError
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "svhn", "har", "digits")
 SPLITS: tuple[str, ...] = ("train", "test")

@@ -1,0 +1,1 @@
+"""Runs over data sets: the resumable store, the process pool and the Dask executor."""

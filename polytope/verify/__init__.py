@@ -1,0 +1,1 @@
+"""Verification: robust loss and certificates, attacks, the cascade of rungs, robust training."""
