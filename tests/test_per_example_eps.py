@@ -14,7 +14,7 @@ from strategies import build_fc, make_set
 
 import polytope as pt
 from polytope.bounds.slopes import optimize_slopes
-from polytope.verify.cascade import Cascade
+from polytope.verify.cascade import RUNGS, Cascade
 from polytope.verify.robust import certificate_margins, margin_objective
 
 # per set kind: radii from 0 (the point itself) to wide enough that examples reach the LP and MILP rungs
@@ -104,7 +104,7 @@ def test_solver_methods_match_each_example_alone(kind: str, method: str) -> None
     if kind == "l2" and method in SOLVER_RUNGS:
         pytest.skip("the LP and MILP have no l2 form")
     net, x, y, eps = _case(kind)
-    rungs = pt.cascade.RUNGS if method == "cascade" else (method,)
+    rungs = RUNGS if method == "cascade" else (method,)
     certified = pt.certify(net, x, make_set(kind, eps), y, method=method)
     batch = _verdicts(net, x, y, make_set(kind, eps), rungs)
     for k in range(5):
