@@ -15,11 +15,11 @@ from polytope.model.errors import (
 )
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.specs import margin_objective
 from polytope.verify.robust import (
     certified_radius,
     certify,
     margin_bounds,
-    margin_objective,
     robust_loss,
     worst_margin,
 )

@@ -24,6 +24,7 @@ import torch
 from polytope.commands import common
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
+from polytope.model.specs import worst_of
 from polytope.runs.runner import (
     RunSpec,
     add_runner_arguments,
@@ -34,7 +35,7 @@ from polytope.runs.runner import (
     write_csv,
 )
 from polytope.verify.cascade import RUNGS, Cascade, Verdict
-from polytope.verify.robust import certificate_margins, worst_of
+from polytope.verify.robust import certificate_margins
 
 SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
 #: Methods whose algorithm changed since their first stored results: the revision joins the run

@@ -24,10 +24,10 @@ from polytope.bounds.slopes import optimize_slopes
 from polytope.model.errors import PolytopeError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
+from polytope.model.specs import margin_objective, worst_of
 from polytope.solvers.lp import FlatBounds, RelaxedLP, as_float64
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd
-from polytope.verify.robust import margin_objective, worst_of
 
 RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
 

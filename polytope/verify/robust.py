@@ -10,26 +10,14 @@ import torch.nn.functional as F
 from polytope.bounds.dual import DualNetwork, Slopes
 from polytope.bounds.parallel import map_chunks
 from polytope.bounds.slopes import optimize_slopes
-from polytope.model.errors import InvalidInputError, ShapeMismatchError
+from polytope.model.errors import ShapeMismatchError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet, check_finite
+from polytope.model.specs import margin_objective, worst_of
 
 MARGIN_CHUNK = 16
 """Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
 tensor is reused from the allocator's free lists instead of fresh (page-faulting) memory."""
-
-
-def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """``c = e_y 1^T - I`` as a batch of objectives ``(B, n, n)``: row ``j`` is ``e_y - e_j``.
-
-    ``c_j^T f = f_y - f_j``, so ``J_j >= 0`` for all ``j`` proves class ``y`` wins (eq. 15).
-    """
-    if y.dim() != 1:
-        raise ShapeMismatchError(f"labels must be a vector (B,), got shape {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise InvalidInputError(f"labels must lie in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]")
-    eye = torch.eye(n_classes, dtype=dtype, device=y.device)
-    return eye[y].unsqueeze(1) - eye.unsqueeze(0)
 
 
 def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -60,11 +48,6 @@ def margin_bounds(
 
     parts = map_chunks(chunk, x.shape[0], MARGIN_CHUNK, x.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def worst_of(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``min_{j != y} J_j`` of a ``(B, n)`` margin matrix, ``(B,)``."""
-    return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
 
 
 def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
