@@ -37,10 +37,10 @@ from polytope.solvers.lp import (
     available_memory,
     optimize_alpha,
     relu_sets,
-    tightness_rows,
 )
 from polytope.solvers.milp import ExactMILP
 from polytope.solvers.sparse_ops import layer_matrix, network_matrices
+from polytope.verify.tightness import tightness_rows
 
 SETTINGS = settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-6
