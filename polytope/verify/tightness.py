@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from polytope.bounds.alpha import optimize_alpha
 from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
-from polytope.solvers.lp import RelaxedLP, as_float64, batch_of_one, optimize_alpha
+from polytope.solvers.lp import RelaxedLP, as_float64, batch_of_one
 
 
 def _timed(fn):
