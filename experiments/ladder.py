@@ -46,7 +46,7 @@ from polytope.io.data import load_dataset
 from polytope.io.models import load_released
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
-from polytope.solvers.lp import as_float64
+from polytope.solvers.highs import as_float64
 from polytope.verify.cascade import CounterexampleError, verified_point
 
 METHODS = ("dual", "adaptive", "cascade", "optimized", "lp", "lp-all")

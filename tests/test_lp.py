@@ -30,7 +30,8 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
-from polytope.solvers.lp import BYTES_PER_NONZERO, LPResult, RelaxedLP, RelaxedLPCvxpy, available_memory, relu_sets
+from polytope.solvers.highs import BYTES_PER_NONZERO, LPResult, available_memory, relu_sets
+from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
 from polytope.solvers.sparse_ops import layer_matrix, network_matrices
 from polytope.verify.tightness import tightness_rows

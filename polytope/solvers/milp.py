@@ -24,11 +24,10 @@ import torch
 from polytope.model.errors import ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
-from polytope.solvers.lp import (
+from polytope.solvers.highs import (
     BoundsSpec,
     HighsModel,
     LPResult,
-    RelaxedLP,
     add_affine,
     add_input,
     add_relu,
@@ -41,6 +40,7 @@ from polytope.solvers.lp import (
     relu_sets,
     solver_options,
 )
+from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.sparse_ops import network_matrices
 
 

@@ -25,7 +25,8 @@ from polytope.model.errors import PolytopeError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
 from polytope.model.specs import margin_objective, worst_of
-from polytope.solvers.lp import FlatBounds, RelaxedLP, as_float64
+from polytope.solvers.highs import FlatBounds, as_float64
+from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd
 

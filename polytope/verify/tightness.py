@@ -18,7 +18,8 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet
-from polytope.solvers.lp import RelaxedLP, as_float64, batch_of_one
+from polytope.solvers.highs import as_float64, batch_of_one
+from polytope.solvers.lp import RelaxedLP
 
 
 def _timed(fn):
