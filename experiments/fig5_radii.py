@@ -40,11 +40,11 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from experiments import _plot
-from polytope.commands.radius import radius_rows
 from polytope.io.data import load_dataset
 from polytope.io.models import build_arch, load_released
 from polytope.model.network import Network
 from polytope.model.sets import LinfBall
+from polytope.runs.tables import radius_rows
 from polytope.verify.attacks import attack_error, fgsm, pgd
 from polytope.verify.robust import certify
 from polytope.verify.train import TrainConfig, train
@@ -186,7 +186,7 @@ def radii(
     progress: bool = True,
     max_steps: int = 30,
 ) -> pd.DataFrame:
-    """:func:`polytope.commands.radius.radius_rows` over ``(x, y)`` in batches."""
+    """:func:`polytope.runs.tables.radius_rows` over ``(x, y)`` in batches."""
     from tqdm.auto import tqdm
 
     net = Network.from_torch(model)
