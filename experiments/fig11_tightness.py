@@ -17,8 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from experiments._plot import experiment_parser, save_outputs
-from experiments.fig5_radii import quick_robust_model, standard_model
+from experiments._plot import experiment_parser, quick_robust_model, save_outputs, standard_model
 from polytope.io.data import load_dataset
 from polytope.io.models import build_arch, load_released
 from polytope.model.network import Network
