@@ -195,3 +195,11 @@ def test_the_graph_sees_lazy_relative_and_facade_imports() -> None:
 @pytest.mark.parametrize("module", ["polytope.__main__", DISPATCHER])
 def test_the_exempt_modules_exist(module: str) -> None:
     assert module in sources(), f"{module} is named in the rules but does not exist"
+
+
+def test_the_facade_exports_every_public_name() -> None:
+    import polytope as pt
+
+    missing = [name for name in pt.__all__ if not hasattr(pt, name)]
+    assert not missing, f"named in polytope.__all__ but not importable: {missing}"
+    assert {"RelaxedLP", "ExactMILP", "optimize_alpha", "tightness_rows"} <= set(pt.__all__)
