@@ -304,6 +304,7 @@ class Polytope(Side):
         """B3: the exact relaxed LP (eq. 19) for all non-true targets of one example, four ways."""
         import numpy as np
 
+        from polytope.model.network import as_float64
         from polytope.solvers import lp as lpmod
         pt = self.pt
         idx = req.get("index", 0)
@@ -315,7 +316,7 @@ class Polytope(Side):
         c_rows = torch.stack([eye[label] - eye[j] for j in targets])
         ball = pt.LinfBall(eps)
         with torch.no_grad():
-            j_dual = pt.margin_bounds(lpmod.as_float64(self.net), x.double(), y, ball)[0]
+            j_dual = pt.margin_bounds(as_float64(self.net), x.double(), y, ball)[0]
         out: dict[str, Any] = {"label": label, "targets": targets, "J": [float(j_dual[j]) for j in targets]}
         paths = req.get("paths", ["highs_warm", "highs_cold", "cvxpy", "linprog"])
 

@@ -8,26 +8,48 @@ dashed outline and the naive layerwise box (eq. 42) as an inset or a note.
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
+import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from torch import nn
 
+from polytope.io.data import load_dataset
+from polytope.io.models import build_arch
 from polytope.model.network import Network
-from polytope.solvers.polygons import Polygon, PolygonComparison, TruePolytope, rasterize
+from polytope.model.sets import LinfBall
+from polytope.solvers.polygons import (
+    Polygon,
+    PolygonComparison,
+    TruePolytope,
+    random_network,
+    rasterize,
+)
+from polytope.verify.attacks import attack_error, fgsm, pgd
+from polytope.verify.robust import certify
+from polytope.verify.train import TrainConfig, train
 
+#: Where trained models are cached (gitignored ``runs/``).
+MODELS_DIR = Path("runs") / "models"
+TOY_WIDTHS = (2, 100, 100, 100, 100, 2)
+RANDOM_WIDTHS = (2, 100, 100, 100, 2)
+EPSILONS = (0.05, 0.1, 0.25)
 TRUE_COLOR = "0.45"
 LP_FILL = "#8fd18f"
 LP_EDGE = "#1b7a1b"
@@ -264,3 +286,166 @@ def legend_handles(with_lp: bool = True, layerwise: bool = True) -> list:
     if layerwise:
         handles.append(Line2D([], [], color=LAYERWISE_COLOR, label="inset: layerwise box (eq. 42), black = main view"))
     return handles
+
+
+# ---------------------------------------------------------------------------------------------
+# the random 2-D cases (Figure 6, the ranges table) and the toy model (Figures 3 and 7)
+# ---------------------------------------------------------------------------------------------
+def random_case(seed: int, net_index: int) -> tuple[Network, torch.Tensor]:
+    """Network ``net_index`` of a seed and its centre ``x ~ U([0, 1]^2)`` (float64)."""
+    gen = torch.Generator().manual_seed(1000 * seed + net_index)
+    net = Network.from_torch(random_network(RANDOM_WIDTHS, generator=gen, dtype=torch.float64))
+    x = torch.rand(1, 2, generator=gen, dtype=torch.float64)
+    return net, x
+
+
+def build_model(seed: int = 0) -> nn.Sequential:
+    """The 2-100-100-100-100-2 ReLU network with torch's default initialisation."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(TOY_WIDTHS):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).to(torch.float64)
+
+
+def model_path(out: Path) -> Path:
+    """Where the robust model is cached for Figure 7."""
+    return out / "fig3_toy2d_robust.pt"
+
+
+def save_model(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> None:
+    """State dict plus the data it was trained on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "x": x, "y": y, "eps": eps, "widths": TOY_WIDTHS, "seed": seed}, path)
+
+
+def load_model(path: Path) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, float]:
+    """``(model, x, y, eps)`` saved by :func:`save_model`."""
+    blob = torch.load(path, weights_only=True)
+    model = build_model()
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["x"], blob["y"], float(blob["eps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# models trained for the experiments, error rates (Figure 5, Tables 1 and 2, Figures 10 and 11)
+# ---------------------------------------------------------------------------------------------
+def model_experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """:func:`experiments._plot.experiment_parser` plus ``--models-dir`` and ``--threads``."""
+    parser = experiment_parser(name, description)
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="cache of the models trained here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more is slower on a loaded machine)")
+    return parser
+
+
+def trained_model(
+    arch: str,
+    dataset: str,
+    config: TrainConfig,
+    models_dir: Path = MODELS_DIR,
+    train_limit: int | None = None,
+    progress: bool = False,
+) -> tuple[nn.Sequential, dict]:
+    """Train ``arch`` on ``dataset`` with ``config`` once and cache it; later calls load the cache.
+
+    The cache folder name encodes every setting, so different settings never share a model.
+    Returns the model (eval mode) and its info (``seconds`` of training, settings, final log row).
+    """
+    tag = (
+        f"{arch}_{dataset}_{'robust' if config.robust else 'standard'}_eps{config.eps:g}_e{config.epochs}"
+        f"_lr{config.lr:g}_b{config.batch_size}_s{config.seed}_n{train_limit or 'all'}"
+    )
+    folder = models_dir / tag
+    info_path = folder / "info.json"
+    model = build_arch(arch)
+    if info_path.exists() and (folder / "model.pth").exists():
+        model.load_state_dict(torch.load(folder / "model.pth", map_location="cpu", weights_only=True))
+        return model.eval(), json.loads(info_path.read_text())
+    torch.manual_seed(config.seed)
+    model = build_arch(arch)
+    train_data = load_dataset(dataset, "train", limit=train_limit)
+    test_data = load_dataset(dataset, "test", limit=max(config.eval_examples, 1))
+    t0 = time.perf_counter()
+    log = train(model, train_data, test_data, config, folder, resume=True, progress=progress)
+    info = {
+        "arch": arch,
+        "dataset": dataset,
+        "train_examples": len(train_data[0]),
+        "config": asdict(config),
+        "seconds": time.perf_counter() - t0,
+        "epoch_seconds": float(log["seconds"].sum()),
+        "last_epoch": log.iloc[-1].to_dict(),
+    }
+    info_path.write_text(json.dumps(info, indent=1))
+    return model.eval(), info
+
+
+def standard_model(
+    quick: bool = False, dataset: str = "mnist", models_dir: Path = MODELS_DIR, seed: int = 0, progress: bool = False
+) -> tuple[nn.Sequential, dict]:
+    """The standard (non-robust) baseline: the paper's conv architecture, 2 epochs of Adam (lr 1e-3, batch 50).
+
+    ``quick`` gives a ``digits_mlp`` on sklearn's digits (4 epochs, seconds).
+    """
+    if quick:
+        cfg = TrainConfig(epochs=4, lr=1e-3, batch_size=50, eps=0.1, robust=False, seed=seed, eval_examples=20)
+        return trained_model("digits_mlp", "digits", cfg, models_dir, progress=progress)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=50, eps=0.1, robust=False, seed=seed, eval_examples=50)
+    return trained_model(dataset, dataset, cfg, models_dir, progress=progress)
+
+
+def quick_robust_model(models_dir: Path = MODELS_DIR, seed: int = 0, eps: float = 0.1) -> tuple[nn.Sequential, dict]:
+    """A robustly trained ``digits_mlp`` (4 epochs at ``eps``): the ``--quick`` stand-in for a released model."""
+    cfg = TrainConfig(epochs=4, lr=1e-3, batch_size=50, eps=eps, robust=True, seed=seed, eval_examples=20)
+    return trained_model("digits_mlp", "digits", cfg, models_dir)
+
+
+def error_rates(
+    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 10, pgd_steps: int = 100
+) -> pd.DataFrame:
+    """Per example: ``correct``, ``fgsm_error``, ``pgd_error`` (``x_adv`` misclassified, the paper's
+    count), ``certified`` (Corollary 1 with the label) and ``bound_error`` (= not certified: the
+    robust error bound counts every example that is wrong or uncertified).
+
+    Small batches: a standard model has thousands of unstable ReLUs per example at eps 0.1,
+    and the bound computation's memory grows with batch x unstable units (a batch of 100
+    took 20 GB on the standard MNIST model)."""
+    net = Network.from_torch(model)
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        with torch.no_grad():
+            correct = model(xb).argmax(1) == yb
+        f = attack_error(model, xb, yb, fgsm(model, xb, yb, eps), include_clean=False)
+        p = attack_error(model, xb, yb, pgd(model, xb, yb, eps, steps=pgd_steps), include_clean=False)
+        cert = certify(net, xb, LinfBall(eps), y=yb)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "index": np.arange(start, start + len(xb)),
+                    "correct": correct.numpy(),
+                    "fgsm_error": f.numpy(),
+                    "pgd_error": p.numpy(),
+                    "certified": cert.numpy(),
+                    "bound_error": (~cert).numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarize_errors(df: pd.DataFrame) -> dict[str, float]:
+    """Percentages: test error, FGSM error, PGD error, robust error bound."""
+    return {
+        "test_error": 100.0 * (~df["correct"]).mean(),
+        "fgsm_error": 100.0 * df["fgsm_error"].mean(),
+        "pgd_error": 100.0 * df["pgd_error"].mean(),
+        "robust_bound": 100.0 * df["bound_error"].mean(),
+    }
+
+
+def run_experiment(name: str, argv: Sequence[str]) -> int:
+    """Run ``experiments.<name>.main(argv)`` by name, as ``polytope reproduce`` does: experiments
+    that need another one's output (Figure 7 needs Figure 3's model; the main job runs four) go
+    through here instead of importing it."""
+    return int(importlib.import_module(f"experiments.{name}").main(list(argv)) or 0)

@@ -29,8 +29,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments._plot import save_outputs
-from experiments.fig5_radii import experiment_parser, quick_robust_model
+from experiments._plot import model_experiment_parser, quick_robust_model, save_outputs
 from polytope.bounds.dual import DualNetwork
 from polytope.io.data import load_dataset
 from polytope.io.models import load_released
@@ -96,7 +95,7 @@ def plot(table: pd.DataFrame, title: str) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     """Compute the index-set fractions, write ``fig10_index_sets.png``/``.csv`` and print the means."""
-    parser = experiment_parser(NAME, __doc__)
+    parser = model_experiment_parser(NAME, __doc__)
     parser.add_argument(
         "--limit", type=int, default=None, help="first N training examples (default: 2000; --quick: 200)"
     )

@@ -5,7 +5,7 @@
 Panels as in the paper (``--models``): the robust (released) model, a randomly initialised model
 and a standard-trained model (the short-run baseline of :mod:`experiments.fig5_radii`); each point
 is one (example, target) pair ``c = e_y - e_j`` at eps = 0.1.  ``--quick`` uses sklearn digits
-models.  The CSV holds every row of :func:`polytope.solvers.lp.tightness_rows` with its model.
+models.  The CSV holds every row of :func:`polytope.verify.tightness.tightness_rows` with its model.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from experiments._plot import experiment_parser, save_outputs
-from experiments.fig5_radii import quick_robust_model, standard_model
+from experiments._plot import experiment_parser, quick_robust_model, save_outputs, standard_model
 from polytope.io.data import load_dataset
 from polytope.io.models import build_arch, load_released
 from polytope.model.network import Network
 from polytope.model.sets import LinfBall
-from polytope.solvers.lp import tightness_rows
+from polytope.verify.tightness import tightness_rows
 
 NAME = "fig11_tightness"
 

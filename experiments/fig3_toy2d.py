@@ -21,12 +21,10 @@ bound that is exact up to the grid in 2-D).  The robust model, its data and eps 
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,11 +38,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments import _plot
+from experiments._plot import build_model, model_path, save_model
 from polytope import LinfBall, Network, certify, robust_loss
 from polytope.solvers.polygons import box_grid
 
 NAME = "fig3_toy2d"
-WIDTHS = (2, 100, 100, 100, 100, 2)
 EPS = 0.08
 N_POINTS = 12
 MIN_DIST = 0.16
@@ -66,15 +64,6 @@ def make_points(n: int = N_POINTS, min_dist: float = MIN_DIST, seed: int = 0) ->
     while y.min() == y.max():
         y = torch.randint(0, 2, (n,), generator=gen)
     return torch.stack(points), y
-
-
-def build_model(seed: int = 0) -> nn.Sequential:
-    """The 2-100-100-100-100-2 ReLU network with torch's default initialisation."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for n_in, n_out in itertools.pairwise(WIDTHS):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1]).to(DTYPE)
 
 
 @dataclass
@@ -222,25 +211,6 @@ def plot(
     ]
     _plot.finish(fig, "Figure 3: standard vs robust training (2-100-100-100-100-2, l_inf ε = 0.08)", handles)
     return fig
-
-
-def model_path(out: Path) -> Path:
-    """Where the robust model is cached for Figure 7."""
-    return out / f"{NAME}_robust.pt"
-
-
-def save_model(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> None:
-    """State dict plus the data it was trained on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "x": x, "y": y, "eps": eps, "widths": WIDTHS, "seed": seed}, path)
-
-
-def load_model(path: Path) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, float]:
-    """``(model, x, y, eps)`` saved by :func:`save_model`."""
-    blob = torch.load(path, weights_only=True)
-    model = build_model()
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), blob["x"], blob["y"], float(blob["eps"])
 
 
 def run(

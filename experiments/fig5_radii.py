@@ -21,12 +21,8 @@ the command line, output files, the cached standard models and the attack/bound 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import matplotlib
 
@@ -40,139 +36,22 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from experiments import _plot
-from polytope.commands.radius import radius_rows
+from experiments._plot import (
+    model_experiment_parser,
+    quick_robust_model,
+    standard_model,
+)
 from polytope.io.data import load_dataset
-from polytope.io.models import build_arch, load_released
+from polytope.io.models import load_released
 from polytope.model.network import Network
 from polytope.model.sets import LinfBall
-from polytope.verify.attacks import attack_error, fgsm, pgd
-from polytope.verify.robust import certify
-from polytope.verify.train import TrainConfig, train
+from polytope.runs.tables import radius_rows
 
 NAME = "fig5_radii"
-#: Where trained models are cached (gitignored ``runs/``).
-MODELS_DIR = Path("runs") / "models"
 #: The paper's values (Section 4.2).
 PAPER_MEDIAN = {"standard": 0.007, "robust": 0.1}
 CORRECT_COLOR = "#2b7bba"
 WRONG_COLOR = "#d7301f"
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-# ---------------------------------------------------------------------------------------------
-def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """:func:`experiments._plot.experiment_parser` plus ``--models-dir`` and ``--threads``."""
-    parser = _plot.experiment_parser(name, description)
-    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="cache of the models trained here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (more is slower on a loaded machine)")
-    return parser
-
-
-def trained_model(
-    arch: str,
-    dataset: str,
-    config: TrainConfig,
-    models_dir: Path = MODELS_DIR,
-    train_limit: int | None = None,
-    progress: bool = False,
-) -> tuple[nn.Sequential, dict]:
-    """Train ``arch`` on ``dataset`` with ``config`` once and cache it; later calls load the cache.
-
-    The cache folder name encodes every setting, so different settings never share a model.
-    Returns the model (eval mode) and its info (``seconds`` of training, settings, final log row).
-    """
-    tag = (
-        f"{arch}_{dataset}_{'robust' if config.robust else 'standard'}_eps{config.eps:g}_e{config.epochs}"
-        f"_lr{config.lr:g}_b{config.batch_size}_s{config.seed}_n{train_limit or 'all'}"
-    )
-    folder = models_dir / tag
-    info_path = folder / "info.json"
-    model = build_arch(arch)
-    if info_path.exists() and (folder / "model.pth").exists():
-        model.load_state_dict(torch.load(folder / "model.pth", map_location="cpu", weights_only=True))
-        return model.eval(), json.loads(info_path.read_text())
-    torch.manual_seed(config.seed)
-    model = build_arch(arch)
-    train_data = load_dataset(dataset, "train", limit=train_limit)
-    test_data = load_dataset(dataset, "test", limit=max(config.eval_examples, 1))
-    t0 = time.perf_counter()
-    log = train(model, train_data, test_data, config, folder, resume=True, progress=progress)
-    info = {
-        "arch": arch,
-        "dataset": dataset,
-        "train_examples": len(train_data[0]),
-        "config": asdict(config),
-        "seconds": time.perf_counter() - t0,
-        "epoch_seconds": float(log["seconds"].sum()),
-        "last_epoch": log.iloc[-1].to_dict(),
-    }
-    info_path.write_text(json.dumps(info, indent=1))
-    return model.eval(), info
-
-
-def standard_model(
-    quick: bool = False, dataset: str = "mnist", models_dir: Path = MODELS_DIR, seed: int = 0, progress: bool = False
-) -> tuple[nn.Sequential, dict]:
-    """The standard (non-robust) baseline: the paper's conv architecture, 2 epochs of Adam (lr 1e-3, batch 50).
-
-    ``quick`` gives a ``digits_mlp`` on sklearn's digits (4 epochs, seconds).
-    """
-    if quick:
-        cfg = TrainConfig(epochs=4, lr=1e-3, batch_size=50, eps=0.1, robust=False, seed=seed, eval_examples=20)
-        return trained_model("digits_mlp", "digits", cfg, models_dir, progress=progress)
-    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=50, eps=0.1, robust=False, seed=seed, eval_examples=50)
-    return trained_model(dataset, dataset, cfg, models_dir, progress=progress)
-
-
-def quick_robust_model(models_dir: Path = MODELS_DIR, seed: int = 0, eps: float = 0.1) -> tuple[nn.Sequential, dict]:
-    """A robustly trained ``digits_mlp`` (4 epochs at ``eps``): the ``--quick`` stand-in for a released model."""
-    cfg = TrainConfig(epochs=4, lr=1e-3, batch_size=50, eps=eps, robust=True, seed=seed, eval_examples=20)
-    return trained_model("digits_mlp", "digits", cfg, models_dir)
-
-
-def error_rates(
-    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 10, pgd_steps: int = 100
-) -> pd.DataFrame:
-    """Per example: ``correct``, ``fgsm_error``, ``pgd_error`` (``x_adv`` misclassified, the paper's
-    count), ``certified`` (Corollary 1 with the label) and ``bound_error`` (= not certified: the
-    robust error bound counts every example that is wrong or uncertified).
-
-    Small batches: a standard model has thousands of unstable ReLUs per example at eps 0.1,
-    and the bound computation's memory grows with batch x unstable units (a batch of 100
-    took 20 GB on the standard MNIST model)."""
-    net = Network.from_torch(model)
-    parts = []
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        with torch.no_grad():
-            correct = model(xb).argmax(1) == yb
-        f = attack_error(model, xb, yb, fgsm(model, xb, yb, eps), include_clean=False)
-        p = attack_error(model, xb, yb, pgd(model, xb, yb, eps, steps=pgd_steps), include_clean=False)
-        cert = certify(net, xb, LinfBall(eps), y=yb)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "index": np.arange(start, start + len(xb)),
-                    "correct": correct.numpy(),
-                    "fgsm_error": f.numpy(),
-                    "pgd_error": p.numpy(),
-                    "certified": cert.numpy(),
-                    "bound_error": (~cert).numpy(),
-                }
-            )
-        )
-    return pd.concat(parts, ignore_index=True)
-
-
-def summarize_errors(df: pd.DataFrame) -> dict[str, float]:
-    """Percentages: test error, FGSM error, PGD error, robust error bound."""
-    return {
-        "test_error": 100.0 * (~df["correct"]).mean(),
-        "fgsm_error": 100.0 * df["fgsm_error"].mean(),
-        "pgd_error": 100.0 * df["pgd_error"].mean(),
-        "robust_bound": 100.0 * df["bound_error"].mean(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +65,7 @@ def radii(
     progress: bool = True,
     max_steps: int = 30,
 ) -> pd.DataFrame:
-    """:func:`polytope.commands.radius.radius_rows` over ``(x, y)`` in batches."""
+    """:func:`polytope.runs.tables.radius_rows` over ``(x, y)`` in batches."""
     from tqdm.auto import tqdm
 
     net = Network.from_torch(model)
@@ -240,7 +119,7 @@ def plot(table: pd.DataFrame, dataset: str) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     """Compute the radii of both models, write ``fig5_radii.png``/``.csv``, print the medians."""
-    parser = experiment_parser(NAME, __doc__)
+    parser = model_experiment_parser(NAME, __doc__)
     parser.add_argument("--limit", type=int, default=None, help="first N test examples (default: 500; --quick: 100)")
     parser.add_argument("--max-steps", type=int, default=30, help="Newton steps per example (default: 30)")
     args = parser.parse_args(argv)

@@ -32,22 +32,11 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from experiments import _plot
+from experiments._plot import EPSILONS, random_case
 from polytope import DualNetwork, LinfBall, Network
-from polytope.solvers.polygons import PolygonComparison, compare_polygons, random_network
+from polytope.solvers.polygons import PolygonComparison, compare_polygons
 
 NAME = "fig6_polytopes"
-WIDTHS = (2, 100, 100, 100, 2)
-EPSILONS = (0.05, 0.1, 0.25)
-
-
-def random_case(seed: int, net_index: int) -> tuple[Network, torch.Tensor]:
-    """Network ``net_index`` of a seed and its centre ``x ~ U([0, 1]^2)`` (float64)."""
-    gen = torch.Generator().manual_seed(1000 * seed + net_index)
-    net = Network.from_torch(random_network(WIDTHS, generator=gen, dtype=torch.float64))
-    x = torch.rand(1, 2, generator=gen, dtype=torch.float64)
-    return net, x
-
-
 def n_unstable(net: Network, x: torch.Tensor, eps: float) -> list[int]:
     """Size of the paper's unstable set ``I_i`` in each ReLU layer (dual bounds)."""
     dual = DualNetwork(net, x, LinfBall(eps))

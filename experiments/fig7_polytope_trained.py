@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
-from experiments import _plot, fig3_toy2d
+from experiments import _plot
 from polytope import DualNetwork, LinfBall, Network
 from polytope.solvers.polygons import PolygonComparison, compare_polygons, diameter
 
@@ -43,9 +43,11 @@ def get_model(path: Path, out: Path, quick: bool, seed: int) -> tuple[Network, t
     """Load Figure 3's robust model, or train and save it first."""
     if not path.exists():
         print(f"{path} not found: training the robust model of Figure 3 first")
-        fig3_toy2d.main(["--out", str(out), "--seed", str(seed), "--no-progress", *(["--quick"] if quick else [])])
-        path = fig3_toy2d.model_path(out)
-    model, x, y, eps = fig3_toy2d.load_model(path)
+        _plot.run_experiment(
+            "fig3_toy2d", ["--out", str(out), "--seed", str(seed), "--no-progress", *(["--quick"] if quick else [])]
+        )
+        path = _plot.model_path(out)
+    model, x, y, eps = _plot.load_model(path)
     return Network.from_torch(model), x, y, eps
 
 
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--point", type=int, default=None, help="training point to plot (default: most unstable)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = args.model or fig3_toy2d.model_path(args.out)
+    path = args.model or _plot.model_path(args.out)
     net, x, y, eps = get_model(path, args.out, args.quick, args.seed)
     n_table, n_plot, k = (0, 201, 32) if args.quick else (501, 1001, 256)
     rows = [point_info(i, net, x, y, eps) for i in range(len(x))]

@@ -41,12 +41,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from experiments import _plot
-from polytope.commands.certify import certify_table
 from polytope.io.data import load_dataset
 from polytope.io.models import load_released
-from polytope.model.network import Network
+from polytope.model.network import Network, as_float64
 from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
-from polytope.solvers.lp import as_float64
+from polytope.runs.tables import certify_table
 from polytope.verify.cascade import CounterexampleError, verified_point
 
 METHODS = ("dual", "adaptive", "cascade", "optimized", "lp", "lp-all")

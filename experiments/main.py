@@ -12,10 +12,10 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from experiments import fig3_toy2d, fig6_polytopes, fig7_polytope_trained, ranges_table
+from experiments._plot import run_experiment
 
-STEPS = (("fig6_polytopes", fig6_polytopes), ("ranges_table", ranges_table), ("fig3_toy2d", fig3_toy2d),
-         ("fig7_polytope_trained", fig7_polytope_trained))
+#: The experiments of the main job, run by name in this order (Figure 7 reads Figure 3's model).
+STEPS = ("fig6_polytopes", "ranges_table", "fig3_toy2d", "fig7_polytope_trained")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,10 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
     common = ["--out", args.out, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
-    for name, module in STEPS:
+    for name in STEPS:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        code = module.main(common)
+        code = run_experiment(name, common)
         print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         if code:
             return code

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from experiments import _plot
-from experiments.fig6_polytopes import EPSILONS, random_case
+from experiments._plot import EPSILONS, random_case
 from polytope import DualNetwork, LinfBall, Network
 from polytope.bounds.layerwise import layerwise_bounds
 from polytope.solvers.polygons import true_polytope

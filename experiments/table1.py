@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from experiments._plot import save_outputs
-from experiments.fig5_radii import (
+from experiments._plot import (
     error_rates,
-    experiment_parser,
+    model_experiment_parser,
     quick_robust_model,
+    save_outputs,
     standard_model,
     summarize_errors,
 )
@@ -157,7 +157,7 @@ def plot(table: pd.DataFrame) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate every available problem; write ``table1.png``, ``table1.csv`` and ``table1.md``."""
-    parser = experiment_parser(NAME, __doc__)
+    parser = model_experiment_parser(NAME, __doc__)
     parser.add_argument(
         "--limit", type=int, default=None, help="first N test examples per model (default: 200; --quick: 100)"
     )

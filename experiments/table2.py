@@ -32,8 +32,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from experiments._plot import save_outputs
-from experiments.fig5_radii import error_rates, experiment_parser, summarize_errors, trained_model
+from experiments._plot import error_rates, model_experiment_parser, save_outputs, summarize_errors, trained_model
 from polytope.io.data import load_dataset
 from polytope.model.errors import DatasetError
 from polytope.verify.train import TrainConfig
@@ -193,7 +192,7 @@ def plot(table: pd.DataFrame) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every setting; write ``table2.png`` and ``table2.csv``."""
-    parser = experiment_parser(NAME, __doc__)
+    parser = model_experiment_parser(NAME, __doc__)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

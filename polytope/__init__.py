@@ -1,5 +1,6 @@
 """polytope: provable robustness of ReLU networks by linear programming (Wong & Kolter 2018)."""
 
+from polytope.bounds.alpha import optimize_alpha
 from polytope.bounds.dual import DualNetwork, IndexSets, Relaxation, index_sets
 from polytope.bounds.slopes import OptimizedSlopes, optimize_slopes
 from polytope.model.errors import (
@@ -19,20 +20,24 @@ from polytope.model.errors import (
 )
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.specs import margin_objective
+from polytope.solvers.lp import RelaxedLP
+from polytope.solvers.milp import ExactMILP
 from polytope.verify.robust import (
     certified_radius,
     certify,
     margin_bounds,
-    margin_objective,
     robust_loss,
     worst_margin,
 )
+from polytope.verify.tightness import tightness_rows
 
 __all__ = [
     "BoxedLinfBall",
     "DatasetError",
     "DeviceError",
     "DualNetwork",
+    "ExactMILP",
     "IndexSets",
     "InputSet",
     "InvalidEpsilonError",
@@ -48,6 +53,7 @@ __all__ = [
     "OptimizedSlopes",
     "PolytopeError",
     "Relaxation",
+    "RelaxedLP",
     "ShapeMismatchError",
     "SolverError",
     "UnknownOptionError",
@@ -57,7 +63,9 @@ __all__ = [
     "index_sets",
     "margin_bounds",
     "margin_objective",
+    "optimize_alpha",
     "optimize_slopes",
     "robust_loss",
+    "tightness_rows",
     "worst_margin",
 ]

@@ -54,7 +54,7 @@ def test_certify_methods_are_nested() -> None:
 
 
 def test_counterexamples_are_saved_and_reproduce(tmp_path) -> None:
-    from polytope.commands.certify import cascade_chunk
+    from polytope.runs.tables import cascade_chunk
 
     seq, net = _net(5)
     x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -20,7 +20,7 @@ from torch import nn
 import polytope as pt
 from polytope.bounds.dual import DualNetwork
 from polytope.bounds.precision import ROUNDING_SAFETY, rounding_tolerance
-from polytope.solvers.lp import as_float64
+from polytope.model.network import as_float64
 from polytope.verify.robust import certificate_margins, worst_of
 
 EPS = 2.0**-12  # exactly representable in float32: both precisions bound the same ball

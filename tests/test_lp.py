@@ -25,22 +25,16 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 from torch import nn
 
+from polytope.bounds.alpha import optimize_alpha
 from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
-from polytope.solvers.lp import (
-    BYTES_PER_NONZERO,
-    LPResult,
-    RelaxedLP,
-    RelaxedLPCvxpy,
-    available_memory,
-    optimize_alpha,
-    relu_sets,
-    tightness_rows,
-)
+from polytope.solvers.highs import BYTES_PER_NONZERO, LPResult, available_memory, relu_sets
+from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
 from polytope.solvers.sparse_ops import layer_matrix, network_matrices
+from polytope.verify.tightness import tightness_rows
 
 SETTINGS = settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-6

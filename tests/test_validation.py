@@ -21,10 +21,13 @@ from strategies import build_fc
 from torch import nn
 
 import polytope as pt
+from polytope.bounds.alpha import optimize_alpha
 from polytope.model.checks import check_device
-from polytope.solvers.lp import LPResult, RelaxedLP, RelaxedLPCvxpy, optimize_alpha, tightness_rows
+from polytope.solvers.highs import LPResult
+from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.cascade import Cascade
+from polytope.verify.tightness import tightness_rows
 
 NAN = float("nan")
 ROOT = Path(__file__).resolve().parents[1]

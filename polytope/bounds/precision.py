@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from polytope.model.network import Network
+from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet
+from polytope.model.specs import worst_of
 
 ROUNDING_SAFETY = 64.0
 """``tau / (machine_eps * max a_L)``.  On the paper's MNIST model (eps = 0.1) the largest float32
@@ -67,9 +68,6 @@ def settle_in_float64(net: Network, x: torch.Tensor, y: torch.Tensor, input_set:
     margins = margins.detach()
     if x.dtype == torch.float64 or x.shape[0] == 0:
         return margins
-    from polytope.solvers.lp import as_float64
-    from polytope.verify.robust import worst_of
-
     tau = rounding_tolerance(net, x, input_set).to(margins.device)
     worst = worst_of(margins, y.to(margins.device))
     index = (worst.abs() <= tau).nonzero().flatten()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 import pandas as pd
@@ -22,7 +21,7 @@ import torch
 from polytope.commands import common
 from polytope.model.errors import InvalidInputError
 from polytope.model.network import Network
-from polytope.model.sets import InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import L1Ball, L2Ball, LinfBall
 from polytope.runs.runner import (
     RunSpec,
     add_runner_arguments,
@@ -32,7 +31,7 @@ from polytope.runs.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.verify.robust import certified_radius
+from polytope.runs.tables import radius_rows
 
 NORMS: dict[str, type] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
 
@@ -56,24 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_runner_arguments(parser)
     parser.set_defaults(handler=run_radius)
     return parser
-
-
-def radius_rows(
-    net: Network, x: torch.Tensor, y: torch.Tensor, input_set: InputSet, eps_max: float, tol: float,
-    indices: list[int] | None = None, max_steps: int = 30,
-) -> pd.DataFrame:
-    """Rows ``index, label, prediction, correct, radius, newton_steps, seconds`` for one batch."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pred = net.forward(x).argmax(1)
-    radius, steps = certified_radius(net, x, input_set, y=None, eps_max=eps_max, tol=tol, max_steps=max_steps)
-    seconds = (time.perf_counter() - t0) / max(len(x), 1)
-    idx = list(range(len(x))) if indices is None else indices
-    return pd.DataFrame({
-        "index": idx, "label": y.tolist(), "prediction": pred.tolist(),
-        "correct": (pred == y).tolist(), "radius": radius.detach().cpu().tolist(),
-        "newton_steps": steps.cpu().tolist(), "seconds": seconds,
-    })
 
 
 def radius_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:

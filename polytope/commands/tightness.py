@@ -21,8 +21,8 @@ import torch
 from polytope.commands import common
 from polytope.model.network import Network
 from polytope.runs.runner import RunSpec, add_runner_arguments, model_hash, run, run_kwargs_from_args, write_csv
-from polytope.solvers.lp import tightness_rows
 from polytope.verify.attacks import pgd
+from polytope.verify.tightness import tightness_rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ the model through everything computed from a :class:`Network` (robust training n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -384,3 +385,14 @@ def numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def as_float64(net: Network) -> Network:
+    """``net`` itself if it is float64 on the CPU, else a float64 CPU copy (the model is untouched)."""
+    weight = net.parameters_like()
+    if weight.dtype == torch.float64 and weight.device.type == "cpu":
+        return net
+    module = copy.deepcopy(net.module).to(device="cpu", dtype=torch.float64)
+    for p in module.parameters():
+        p.requires_grad_(False)  # a private copy for solvers: no autograd through its weights
+    return Network.from_torch(module)

@@ -22,17 +22,15 @@ import numpy as np
 
 from polytope.model.checks import check_choice, check_cutoff
 from polytope.model.errors import SolverError
-from polytope.model.network import Network
+from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet
-from polytope.solvers.lp import (
+from polytope.solvers.highs import (
     BoundsSpec,
     HighsModel,
     LPResult,
-    RelaxedLP,
     add_affine,
     add_input,
     add_relu,
-    as_float64,
     batch_of_one,
     check_bounds,
     check_memory,
@@ -42,6 +40,7 @@ from polytope.solvers.lp import (
     relu_sets,
     solver_options,
 )
+from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.sparse_ops import network_matrices
 
 

@@ -23,12 +23,13 @@ from polytope.bounds.dual import DualNetwork
 from polytope.bounds.precision import settle_in_float64
 from polytope.bounds.slopes import optimize_slopes
 from polytope.model.errors import PolytopeError, SolverError, UnknownOptionError
-from polytope.model.network import Network
+from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet
-from polytope.solvers.lp import FlatBounds, RelaxedLP, as_float64
+from polytope.model.specs import margin_objective, worst_of
+from polytope.solvers.highs import FlatBounds
+from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd_in_set
-from polytope.verify.robust import margin_objective, worst_of
 
 RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
 

@@ -15,6 +15,7 @@ from polytope.model.checks import check_choice, check_labels
 from polytope.model.errors import InvalidInputError, ShapeMismatchError
 from polytope.model.network import Network
 from polytope.model.sets import InputSet, check_finite
+from polytope.model.specs import margin_objective, worst_of
 
 METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "milp", "cascade")
 """The ``method`` choices of :func:`certify`."""
@@ -22,18 +23,6 @@ METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "milp", "cascade")
 MARGIN_CHUNK = 16
 """Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
 tensor is reused from the allocator's free lists instead of fresh (page-faulting) memory."""
-
-
-def margin_objective(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """``c = e_y 1^T - I`` as a batch of objectives ``(B, n, n)``: row ``j`` is ``e_y - e_j``.
-
-    ``c_j^T f = f_y - f_j``, so ``J_j >= 0`` for all ``j`` proves class ``y`` wins (eq. 15).
-    """
-    if y.dim() != 1:
-        raise ShapeMismatchError(f"labels must be a vector (B,), got shape {tuple(y.shape)}")
-    check_labels(y, n_classes)
-    eye = torch.eye(n_classes, dtype=dtype, device=y.device)
-    return eye[y].unsqueeze(1) - eye.unsqueeze(0)
 
 
 def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -68,11 +57,6 @@ def margin_bounds(
 
     parts = map_chunks(chunk, x.shape[0], MARGIN_CHUNK, x.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def worst_of(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``min_{j != y} J_j`` of a ``(B, n)`` margin matrix, ``(B,)``."""
-    return margins.scatter(1, y.unsqueeze(1), torch.inf).min(1).values
 
 
 def certified_by_margins(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
