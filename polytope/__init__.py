@@ -12,7 +12,7 @@ from polytope.errors import (
     SolverError,
     UnsupportedLayerError,
 )
-from polytope.network import Network
+from polytope.network import Network, Normalize
 from polytope.robust import (
     certified_radius,
     certify,
@@ -38,6 +38,7 @@ __all__ = [
     "ModelFileError",
     "ModelModeError",
     "Network",
+    "Normalize",
     "OptimizedSlopes",
     "PolytopeError",
     "Relaxation",
