@@ -226,7 +226,9 @@ def _read_file(path: Path, trusted: bool) -> object:
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     if _not_a_torch_file(path):
-        raise ModelFileError(f"{path}: not a torch file (neither a torch.save zip archive nor a pickle)")
+        raise ModelFileError(
+            f"{path}: not a torch file (neither a torch.save zip archive nor a pickle; corrupted or truncated?)"
+        )
     try:
         return _torch_load(path, trusted)
     except ModelFileError:

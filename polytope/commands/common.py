@@ -193,7 +193,11 @@ def check_fits(seq: nn.Sequential, net: Network, x: torch.Tensor, y: torch.Tenso
     """
     if len(x) == 0:
         raise InvalidInputError("the data holds no examples")
-    shapes = net.check_input(x[:1])
+    try:
+        shapes = net.check_input(x[:1])
+    except ShapeMismatchError as exc:
+        raise ShapeMismatchError(f"the data's inputs of shape {tuple(x.shape[1:])} do not fit the model: "
+                                 f"{str(exc).split(' does not fit the network: ')[-1]}") from exc
     try:
         with torch.no_grad():
             seq(x[:1])
