@@ -162,6 +162,6 @@ def run_certify(args: argparse.Namespace) -> int:
           f"not certified: {int((~(df['certified'] & df['correct'])).sum())}", file=sys.stdout)
     if "verdict" in df:
         counts = ", ".join(f"{k}: {v}" for k, v in df["verdict"].value_counts().items())
-        rungs = ", ".join(f"{k}: {v}" for k, v in df["rung"].value_counts().items())
+        rungs = ", ".join(f"{k or 'none'}: {v}" for k, v in df["rung"].value_counts().items())
         print(f"verdicts: {counts}; deciding rungs: {rungs}", file=sys.stdout)
     return 0
