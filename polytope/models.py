@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO_ROOT.parent / "shared" / "models" / "wong_kolter_2018"
 RELEASED_MODELS: tuple[str, ...] = ("mnist", "fashion_mnist", "svhn", "har")
 
-# Module classes a whole pickled model may contain; anything else needs ``trusted=True``.
+# Module classes a whole pickled model may contain when read weights-only (other torch layers are named
+# in the error, anything else refused; ``trusted=True`` reads arbitrary pickles).
 SAFE_MODULES: tuple[type, ...] = (
     nn.Sequential,
     nn.Linear,
@@ -295,8 +296,8 @@ def load_model(
     state = _as_state_dict(obj)
     if arch is None:
         if state is not None:
-            raise ModelFileError(f"{path}: holds a state dict; pass arch= one of {', '.join(ARCHITECTURES)} "
-                                 "or module:function / file.py:function building the model")
+            raise ModelFileError(f"{path}: holds a state dict; give its architecture (--arch, arch=): one of "
+                                 f"{', '.join(ARCHITECTURES)}, or module:function / file.py:function building it")
         if not isinstance(obj, nn.Sequential):
             raise ModelFileError(f"{path}: holds a {type(obj).__name__}, expected an nn.Sequential")
         _reject_placeholders(path, obj)

@@ -104,7 +104,7 @@ def test_pickled_non_sequential_rejected(tmp_path: Path) -> None:
 def test_state_dict_without_arch(tmp_path: Path) -> None:
     path = tmp_path / "sd.pth"
     torch.save(models.build_arch("har").state_dict(), path)
-    with pytest.raises(ModelFileError, match="pass arch="):
+    with pytest.raises(ModelFileError, match=r"give its architecture \(--arch, arch=\)"):
         models.load_model(path)
 
 
