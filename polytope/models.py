@@ -152,8 +152,9 @@ def load_released(name: str, models_dir: str | Path | None = None) -> nn.Sequent
     return load_model(released_model_path(name, models_dir), arch=name)
 
 
-#: ``Unsupported global: GLOBAL torch.nn.modules.activation.Sigmoid was not an allowed global``
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+#: ``Unsupported global: GLOBAL torch.nn.modules.activation.Sigmoid was not an allowed global`` (or, for a
+#: blocked module, ``Trying to load unsupported GLOBAL posix.system whose module posix is blocked``)
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 #: Layer classes a pickled model may name beyond :data:`SAFE_MODULES`: read as placeholders only.
 _LAYER_MODULE_PREFIX = "torch.nn.modules."
 _MAX_PLACEHOLDERS = 32
@@ -209,7 +210,10 @@ def _torch_load(path: Path, trusted: bool) -> object:
 
 
 def _last_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    """The line of a torch.load error that names the problem (not its advice on ``weights_only``)."""
+    boilerplate = ("weights_only", "Check the documentation", "file an issue", "load failed")
+    lines = [line.strip() for line in str(exc).strip().splitlines()
+             if line.strip() and not any(b in line for b in boilerplate)]
     return lines[-1] if lines else type(exc).__name__
 
 
