@@ -18,7 +18,7 @@ from polytope.model.errors import (
     UnknownOptionError,
     UnsupportedLayerError,
 )
-from polytope.model.network import Network
+from polytope.model.network import Network, Normalize
 from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
 from polytope.model.specs import margin_objective
 from polytope.solvers.lp import RelaxedLP
@@ -50,6 +50,7 @@ __all__ = [
     "ModelFileError",
     "ModelModeError",
     "Network",
+    "Normalize",
     "OptimizedSlopes",
     "PolytopeError",
     "Relaxation",

@@ -3,6 +3,7 @@ and the released models' clean test error (paper Table 1)."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from polytope.io import data, models
-from polytope.model.errors import DatasetError, ModelFileError
+from polytope.model.errors import DatasetError, ModelFileError, ModelModeError, UnsupportedLayerError
 
 RELEASED_DIR = models.DEFAULT_MODELS_DIR
 CONV_KEYS = ["0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias", "7.weight", "7.bias"]
@@ -87,8 +88,9 @@ class Custom(nn.Module):
 def test_pickled_custom_class_needs_trust(tmp_path: Path) -> None:
     path = tmp_path / "custom.pt"
     torch.save(nn.Sequential(nn.Linear(2, 2), Custom()), path)
-    with pytest.raises(ModelFileError, match="trusted=True"):
+    with pytest.raises(ModelFileError, match=r"holds test_models\.Custom, which is not a tensor") as err:
         models.load_model(path)
+    assert "trust" not in str(err.value)  # never suggest running an untrusted file to diagnose it
     loaded = models.load_model(path, trusted=True)
     assert isinstance(loaded[1], Custom)
 
@@ -103,7 +105,7 @@ def test_pickled_non_sequential_rejected(tmp_path: Path) -> None:
 def test_state_dict_without_arch(tmp_path: Path) -> None:
     path = tmp_path / "sd.pth"
     torch.save(models.build_arch("har").state_dict(), path)
-    with pytest.raises(ModelFileError, match="pass arch="):
+    with pytest.raises(ModelFileError, match=r"give its architecture \(--arch, arch=\)"):
         models.load_model(path)
 
 
@@ -187,3 +189,40 @@ def test_released_fashion_clean_error_is_21_73_percent(tmp_path: Path) -> None:
         pytest.skip(f"Fashion-MNIST not found: {str(exc).splitlines()[0]}")
     assert len(y) == 10000
     assert _clean_error(model, x, y) == pytest.approx(0.2173, abs=5e-5)  # paper Table 1: 21.73%
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    torch.save({"model": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ModelFileError, match=r"holds (posix|os|nt)\.system, which is not a tensor") as err:
+        models.load_model(tmp_path / "evil.pt")
+    assert not marker.exists() and "trust" not in str(err.value)
+
+
+def test_unsupported_torch_layer_is_named_with_its_index(tmp_path: Path) -> None:
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    torch.save(nn.Sequential(nn.Flatten(), inner, nn.ReLU(), nn.Linear(4, 2)), tmp_path / "tanh.pt")
+    with pytest.raises(UnsupportedLayerError, match=r"unsupported layer Tanh at index 1\.1"):
+        models.load_model(tmp_path / "tanh.pt")
+
+
+def test_batch_norm_in_training_mode_is_switched_or_refused(tmp_path: Path) -> None:
+    source = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2)).train()
+    torch.save(source, tmp_path / "bn.pt")
+    assert not models.load_model(tmp_path / "bn.pt").training
+    with pytest.raises(ModelModeError, match=r"layer 1 \(BatchNorm1d\) was saved in training mode"):
+        models.load_model(tmp_path / "bn.pt", refuse_training=True)
+
+
+def test_random_bytes_are_not_a_torch_file(tmp_path: Path) -> None:
+    (tmp_path / "noise.pt").write_bytes(bytes(range(7, 256)) * 8)
+    with pytest.raises(ModelFileError, match="not a torch file"):
+        models.load_model(tmp_path / "noise.pt")

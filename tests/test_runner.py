@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polytope as pt
+from polytope.model.errors import ShapeMismatchError
 from polytope.runs.runner import (
     FailedChunk,
     RunFailedError,
@@ -60,6 +61,7 @@ class Payload:
     exit_once: tuple[int, str] | None = None  # (index, marker): os._exit on the first attempt
     exit_always: int | None = None  # os._exit whenever this index is in the chunk
     fail_index: int | None = None  # raise ValueError whenever this index is in the chunk
+    bad_input_index: int | None = None  # raise ShapeMismatchError (deterministic) on this index
     bad_table: bool = False  # return a table without an index column
     hang_at: int | None = None  # block forever (until killed) on the chunk holding this index
     interrupt_at: int | None = None  # raise KeyboardInterrupt (Ctrl-C) on this index
@@ -90,6 +92,8 @@ def toy_chunk(payload: Payload, indices: list[int]) -> pd.DataFrame:
         raise KeyboardInterrupt
     if payload.fail_index is not None and payload.fail_index in indices:
         raise ValueError(f"cannot compute example {payload.fail_index}")
+    if payload.bad_input_index is not None and payload.bad_input_index in indices:
+        raise ShapeMismatchError(f"example {payload.bad_input_index} does not fit the network")
     if payload.sleep:
         time.sleep(payload.sleep)
     if payload.bad_table:
@@ -212,7 +216,9 @@ def test_cli_arguments_to_run_kwargs(tmp_path):
     args = parser.parse_args(["--store", str(tmp_path), "--fresh", "--workers", "3", "--chunk-size", "7"])
     assert run_kwargs_from_args(args) == {
         "store_dir": tmp_path, "fresh": True, "workers": 3, "dask_scheduler": None, "retries": 2,
+        "progress": True,
     }
+    assert run_kwargs_from_args(parser.parse_args(["--no-progress"]))["progress"] is False
     assert args.chunk_size == 7 and args.out is None
     assert compute_device(args, "cuda") == "cpu"
     defaults = parser.parse_args([])
@@ -294,11 +300,24 @@ def test_in_process_run_skips_what_another_process_committed(tmp_path):
     assert df.attrs["polytope_run"]["computed"] == 5
 
 
-def test_progress_bar_and_summary_go_to_stderr(tmp_path, capsys):
+def test_progress_bar_and_summary_go_to_stderr(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     run(spec_for(n=10), toy_chunk, payload=Payload(), store_dir=tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "10/10" in err and ("ex/s" in err or "s/ex" in err)
+    assert err.count("\n") == err.rstrip().count("\n") + 1  # ends with one newline
+    final = [part for part in err.replace("\r", "\n").splitlines() if "10/10" in part]
+    assert len(final) == 1, final  # the final state of the bar is printed once
     assert "status: optimal" in err and "infeasible" in err
+
+
+def test_no_progress_bar_without_a_terminal(tmp_path, capsys):
+    run(spec_for(n=10), toy_chunk, payload=Payload(), store_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "ex/s" not in err and "s/ex" not in err and "\r" not in err
+    assert "status: optimal" in err  # the summary line stays
+    run(spec_for(n=10), toy_chunk, payload=Payload(), store_dir=tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_other_options_never_mix(tmp_path):
@@ -364,6 +383,18 @@ def test_interrupted_write_leaves_no_part(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in store.path.iterdir()] == ["key.json"]
     assert store.scan().done == set()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_deterministic_errors_are_never_retried(tmp_path, workers):
+    log = tmp_path / "log"
+    with pytest.raises(RunFailedError) as info:
+        run(spec_for(n=8), toy_chunk, payload=Payload(log=str(log), bad_input_index=5), store_dir=tmp_path,
+            workers=workers, retries=2, progress=False)
+    assert logged(log).count(5) == 1  # one attempt, not 1 + retries
+    (failed,) = info.value.failed
+    assert failed.deterministic and failed.attempts == 1 and "ShapeMismatchError" in failed.error
+    assert "re-running will not help" in str(info.value) and "Re-run" not in str(info.value)
 
 
 def test_failed_chunk_is_reported_and_rerun_retries_only_it(tmp_path):

@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``certify``."""
     parser = subparsers.add_parser(
         "certify", help="certify examples against norm-bounded perturbations (Corollary 1)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=common.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common.add_model_arguments(parser)
     common.add_data_arguments(parser)
@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="dual: the paper's slopes alpha = u/(u-l); adaptive: 1 where u >= -l, else 0; "
                              "optimized: all layers' slopes by gradient ascent; lp, lp-all, milp: exact solvers; "
                              "cascade: attack, then each rung in turn while undecided")
-    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per LP/MIP solve (default: 60)")
+    parser.add_argument("--time-limit", type=common.positive_float, default=60.0,
+                        help="seconds per LP/MIP solve (default: 60)")
     parser.add_argument("--counterexamples", default=None, metavar="DIR",
                         help="save every verified counterexample as DIR/<index>.npz (solver methods)")
     add_runner_arguments(parser)
@@ -47,11 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_certify(args: argparse.Namespace) -> int:
     """Run ``polytope certify``; prints the clean and robust error."""
-    seq, _ = common.load_network_arg(args)
-    x, y = common.load_data_arg(args)
+    seq, _, x, y = common.load_model_and_data(args)
     input_set = common.input_set_arg(args)
     df = certify_table(
-        seq, x, y, input_set, method=args.method, data=f"{args.data}:{args.split}",
+        seq, x, y, input_set, method=args.method, data=common.data_key(args),
         options={"norm": args.norm, "clip": args.clip, "dtype": "float64" if args.float64 else "float32"},
         batch_size=args.batch_size, time_limit=args.time_limit, device=compute_device(args, args.device),
         counterexamples=args.counterexamples, chunk_size=args.chunk_size, **run_kwargs_from_args(args),
@@ -65,6 +65,6 @@ def run_certify(args: argparse.Namespace) -> int:
           f"not certified: {int((~(df['certified'] & df['correct'])).sum())}", file=sys.stdout)
     if "verdict" in df:
         counts = ", ".join(f"{k}: {v}" for k, v in df["verdict"].value_counts().items())
-        rungs = ", ".join(f"{k}: {v}" for k, v in df["rung"].value_counts().items())
+        rungs = ", ".join(f"{k or 'none'}: {v}" for k, v in df["rung"].value_counts().items())
         print(f"verdicts: {counts}; deciding rungs: {rungs}", file=sys.stdout)
     return 0

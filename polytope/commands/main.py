@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from polytope.model.errors import PolytopeError
 
@@ -19,9 +20,16 @@ COMMANDS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (and exit status 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    """The argument parser with every sub-command registered (their parsers are :class:`OneLineParser` too)."""
+    parser = OneLineParser(
         prog="polytope",
         description="Provable robustness of ReLU networks by linear programming (Wong & Kolter 2018).",
     )
@@ -32,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, dispatch, and turn polytope's errors into one line on stderr."""
+    """Entry point: parse, dispatch, and turn polytope's errors into one line on stderr (exit status 2)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

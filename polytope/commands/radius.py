@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``radius``."""
     parser = subparsers.add_parser(
         "radius", help="largest certified radius of each example (eq. 17, Figure 5)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=common.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common.add_model_arguments(parser)
     common.add_data_arguments(parser)
@@ -81,11 +81,10 @@ def run_radius(args: argparse.Namespace) -> int:
     if not (args.eps_max > 0 and args.tol > 0 and args.max_steps >= 1):
         raise InvalidInputError(f"--eps-max, --tol and --max-steps must be positive, got "
                                 f"{args.eps_max}, {args.tol}, {args.max_steps}")
-    seq, _ = common.load_network_arg(args)
-    x, y = common.load_data_arg(args)
+    seq, _, x, y = common.load_model_and_data(args)
     device = compute_device(args, args.device)
     spec = RunSpec(
-        command="radius", model_hash=model_hash(seq), data=f"{args.data}:{args.split}", eps=None,
+        command="radius", model_hash=model_hash(seq), data=common.data_key(args), eps=None,
         options={"norm": args.norm, "eps_max": args.eps_max, "tol": args.tol, "max_steps": args.max_steps,
                  "dtype": "float64" if args.float64 else "float32"},
         n_examples=len(x), chunk_size=max(args.chunk_size, args.batch_size),

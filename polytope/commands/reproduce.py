@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 
 import experiments
+from polytope.commands.common import help_text
 
 
 def available() -> list[str]:
@@ -26,7 +27,7 @@ def available() -> list[str]:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``reproduce``."""
     parser = subparsers.add_parser(
-        "reproduce", help="reproduce a figure or table of the paper", description=__doc__,
+        "reproduce", help="reproduce a figure or table of the paper", description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=available(), help="the experiment")

@@ -20,7 +20,16 @@ import torch
 
 from polytope.commands import common
 from polytope.model.network import Network
-from polytope.runs.runner import RunSpec, add_runner_arguments, model_hash, run, run_kwargs_from_args, write_csv
+from polytope.runs.runner import (
+    RunSpec,
+    add_runner_arguments,
+    model_hash,
+    non_negative_int,
+    positive_int,
+    run,
+    run_kwargs_from_args,
+    write_csv,
+)
 from polytope.verify.attacks import pgd
 from polytope.verify.tightness import tightness_rows
 
@@ -28,15 +37,17 @@ from polytope.verify.tightness import tightness_rows
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``tightness``."""
     parser = subparsers.add_parser("tightness", help="dual bounds against the exact LP and MILP (Figure 11)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=common.help_text(__doc__),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_arguments(parser)
     common.add_data_arguments(parser)
     common.add_set_arguments(parser)
-    parser.add_argument("--n", type=int, default=100, help="number of examples (default: 100)")
+    parser.add_argument("--n", type=positive_int, default=100, help="number of examples (default: 100)")
     parser.add_argument("--lp-all", action="store_true", help="also solve the LP with LP-tightened layer bounds")
     parser.add_argument("--milp", action="store_true", help="also solve the exact MILP (small networks)")
-    parser.add_argument("--alpha-steps", type=int, default=0, help="steps of alpha optimisation (default: 0, off)")
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds per LP/MILP solve")
+    parser.add_argument("--alpha-steps", type=non_negative_int, default=0,
+                        help="steps of alpha optimisation (default: 0, off)")
+    parser.add_argument("--time-limit", type=common.positive_float, default=None, help="seconds per LP/MILP solve")
     add_runner_arguments(parser)
     parser.set_defaults(handler=run_tightness, device="cpu", float64=True, batch_size=1)
     return parser
@@ -72,14 +83,11 @@ def summarize_gaps(df: pd.DataFrame) -> str:
 
 def run_tightness(args: argparse.Namespace) -> int:
     """Run ``polytope tightness``."""
-    if args.n < 1:
-        raise ValueError(f"--n must be a positive integer, got {args.n}")
     args.limit = args.n if args.limit is None else min(args.limit, args.n)
-    seq, _ = common.load_network_arg(args)
-    x, y = common.load_data_arg(args)
+    seq, _, x, y = common.load_model_and_data(args)
     input_set = common.input_set_arg(args)
     spec = RunSpec(
-        command="tightness", model_hash=model_hash(seq), data=f"{args.data}:{args.split}", eps=args.eps,
+        command="tightness", model_hash=model_hash(seq), data=common.data_key(args), eps=args.eps,
         options={"norm": args.norm, "clip": args.clip, "lp_all": args.lp_all, "milp": args.milp,
                  "alpha_steps": args.alpha_steps, "time_limit": args.time_limit},
         n_examples=len(x), chunk_size=min(args.chunk_size, 10),

@@ -14,28 +14,32 @@ import argparse
 
 import torch
 
+from polytope.commands import common
 from polytope.io import data, models
+from polytope.runs.runner import positive_int
 from polytope.verify.train import TrainConfig, train
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``train``."""
-    parser = subparsers.add_parser("train", help="train a standard or provably robust model", description=__doc__,
+    parser = subparsers.add_parser("train", help="train a standard or provably robust model",
+                                   description=common.help_text(__doc__),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(models.ARCHITECTURES), help="architecture")
     parser.add_argument("--data", required=True, choices=data.DATASETS, help="dataset")
     parser.add_argument("--data-dir", default=None, help=f"data directory (default: ${data.ENV_DATA_DIR}, ...)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first N training examples")
-    parser.add_argument("--eps", type=float, default=0.1, help="target epsilon (default: 0.1)")
+    parser.add_argument("--eps", type=common.non_negative_float, default=0.1, help="target epsilon (default: 0.1)")
     parser.add_argument("--eps-start", type=float, default=None,
                         help="start epsilon, raised uniformly to --eps over the first half of the epochs")
     parser.add_argument("--standard", action="store_true", help="standard (non-robust) training")
     parser.add_argument("--epochs", type=int, default=100, help="epochs (default: 100, the paper's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=50, help="minibatch size (default: 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="minibatch size (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
     parser.add_argument("--eval-examples", type=int, default=1000, help="examples per evaluation (default: 1000)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", type=common.device_type, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.set_defaults(handler=run)

@@ -116,6 +116,72 @@ def load_dataset(
     )
 
 
+#: Suffixes of a user's own tensor file (``--data PATH``).
+TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth")
+
+
+def _read_tensor_file(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` (``numpy.savez``) or ``.pt`` (``torch.save`` of a dict of tensors) file."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                return {k: arrays[k] for k in arrays.files}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DatasetError(f"{path}: not a readable {path.suffix} file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: holds a {type(obj).__name__}; expected a dict with tensors 'x' and 'y'")
+    return {str(k): v.numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
+
+
+def _check_tensors(path: Path, x: object, y: object) -> None:
+    """Named errors for the wrong kinds, dtypes, shapes or values of a tensor file's ``x`` and ``y``."""
+    for key, value in (("x", x), ("y", y)):
+        if not isinstance(value, np.ndarray):
+            raise DatasetError(f"{path}: {key!r} is a {type(value).__name__}, not an array or tensor")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DatasetError(f"{path}: 'x' has dtype {x.dtype}; inputs must be floating point "
+                           "(scale integer pixels yourself, e.g. x / 255)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: 'y' has dtype {y.dtype}; labels must be integer class indices")
+    if x.ndim < 2 or y.ndim != 1:
+        raise DatasetError(f"{path}: 'x' must be (N, *input_shape) and 'y' (N,), got {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise DatasetError(f"{path}: 'x' has {len(x)} examples but 'y' has {len(y)} labels")
+    if not np.isfinite(x).all():
+        raise DatasetError(f"{path}: 'x' holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
+    if len(y) and y.min() < 0:
+        raise DatasetError(f"{path}: 'y' holds negative labels (min {y.min()})")
+
+
+def load_tensor_file(path: str | Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's own data set: ``x`` (float, ``(N, *input_shape)``) and ``y`` (integer labels, ``(N,)``).
+
+    ``path`` is a ``.npz`` file (``numpy.savez(path, x=x, y=y)``) or a ``.pt``/``.pth`` file
+    (``torch.save({"x": x, "y": y}, path)``, read weights-only).  Returned like
+    :func:`load_dataset` (float32, or float64 if stored so, and int64; the first ``limit`` examples); every problem
+    (missing keys, wrong dtypes, NaN, mismatched lengths) raises :class:`DatasetError`.
+    """
+    path = Path(path)
+    if path.suffix not in TENSOR_FILE_SUFFIXES:
+        raise DatasetError(f"{path}: a data file must end with {', '.join(TENSOR_FILE_SUFFIXES)}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: data file not found")
+    arrays = _read_tensor_file(path)
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DatasetError(f"{path}: missing key(s) {', '.join(map(repr, missing))} (it has: "
+                           f"{', '.join(map(repr, sorted(arrays))) or 'nothing'}); save it with x=..., y=...")
+    x, y = arrays["x"], arrays["y"]
+    _check_tensors(path, x, y)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+    )
+
+
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")

@@ -3,7 +3,7 @@
 The paper's network (eq. 1) is ``zhat_{i+1} = W_i z_i + b_i`` for ``i = 1..k-1`` with
 ``z_i = ReLU(zhat_i)`` for ``i = 2..k-1`` and output ``f(x) = zhat_k``.  Here every
 ``W_i`` is an :class:`AffineLayer`: one or more primitive operators (Linear, Conv2d,
-Flatten, eval-mode BatchNorm) applied *as operators* -- a convolution stays a
+Flatten, eval-mode BatchNorm, input :class:`Normalize`) applied *as operators* -- a convolution stays a
 convolution, its transpose is ``conv_transpose2d`` -- never as a dense matrix.
 
 The operators hold references to the torch modules' parameters, so gradients flow to
@@ -118,29 +118,49 @@ class FlattenOp:
         return lo.flatten(1), hi.flatten(1)
 
 
-@dataclass(frozen=True, eq=False)
-class BatchNormOp:
-    """An eval-mode batch norm: the per-channel affine map ``y = s x + t`` of its running statistics."""
+class Normalize(nn.Module):
+    """Input normalisation ``(x - mean) / std`` per channel (a ``torchvision`` ``Normalize`` as a layer).
 
-    module: nn.modules.batchnorm._BatchNorm
+    ``mean`` and ``std`` are scalars or one value per channel (the first input dimension).  As
+    the first layer of a model it is composed into ``W_1`` (see :class:`NormalizeOp`), so the
+    perturbation set -- and ``eps`` -- stay in the space of the raw inputs ``x``.
+    """
+
+    def __init__(self, mean: Sequence[float] | float, std: Sequence[float] | float) -> None:
+        super().__init__()
+        mean_t, std_t = torch.broadcast_tensors(torch.as_tensor(mean, dtype=torch.float64).reshape(-1),
+                                                torch.as_tensor(std, dtype=torch.float64).reshape(-1))
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
+            raise ValueError(f"mean must be finite and std finite and positive, got mean {mean}, std {std}")
+        self.register_buffer("mean", mean_t.to(torch.float32).clone())
+        self.register_buffer("std", std_t.to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = (-1, *([1] * (x.dim() - 2)))
+        return (x - self.mean.reshape(view)) / self.std.reshape(view)
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelAffineOp:
+    """A per-channel affine map ``y = s x + t`` (channel = first input dimension); subclasses give ``s, t``."""
 
     def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.module
-        scale = torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight
-        shift = -m.running_mean * scale
-        if m.bias is not None:
-            shift = shift + m.bias
-        return scale, shift
+        raise NotImplementedError
+
+    def _channels(self) -> int:
+        raise NotImplementedError
 
     def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return t.reshape(-1, *([1] * (ndim - 2)))
 
+    def _expanded(self, in_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s, t`` with one value per channel of ``in_shape`` (scalars broadcast)."""
+        return tuple(t.expand(in_shape[0]) if t.numel() == 1 else t for t in self._scale_shift())
+
     def out_shape(self, in_shape: Shape) -> Shape:
-        if in_shape[0] != self.module.num_features:
+        if self._channels() not in (1, in_shape[0]):
             raise ShapeMismatchError(
-                f"BatchNorm expects {self.module.num_features} channels, got input shape {in_shape}"
+                f"{type(self).__name__[:-2]} expects {self._channels()} channels, got input shape {in_shape}"
             )
         return in_shape
 
@@ -161,6 +181,40 @@ class BatchNormOp:
         return torch.minimum(a, b), torch.maximum(a, b)
 
 
+@dataclass(frozen=True, eq=False)
+class BatchNormOp(ChannelAffineOp):
+    """An eval-mode batch norm: the per-channel affine map ``y = s x + t`` of its running statistics."""
+
+    module: nn.modules.batchnorm._BatchNorm
+
+    def _channels(self) -> int:
+        return self.module.num_features
+
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.module
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        return scale, shift
+
+
+@dataclass(frozen=True, eq=False)
+class NormalizeOp(ChannelAffineOp):
+    """:class:`Normalize` as the affine map ``x / std - mean / std``, composed into the layer it precedes."""
+
+    module: Normalize
+
+    def _channels(self) -> int:
+        return self.module.mean.numel()
+
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = 1.0 / self.module.std
+        return scale, -self.module.mean * scale
+
+
 def _signed_interval(apply, weight: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor,
                      hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply(x, W, b)`` over the box ``[lo, hi]``: ``W+ lo + W- hi + b`` and ``W+ hi + W- lo + b``.
@@ -172,7 +226,7 @@ def _signed_interval(apply, weight: torch.Tensor, bias: torch.Tensor | None, lo:
     return apply(lo, pos, bias) + apply(hi, neg, None), apply(hi, pos, bias) + apply(lo, neg, None)
 
 
-Op = LinearOp | Conv2dOp | FlattenOp | BatchNormOp
+Op = LinearOp | Conv2dOp | FlattenOp | ChannelAffineOp
 
 
 @dataclass(frozen=True, eq=False)
@@ -273,7 +327,8 @@ class Network:
     def from_torch(cls, model: nn.Module) -> Network:
         """Validate and canonicalise an ``nn.Sequential`` of Linear, Conv2d, Flatten and ReLU.
 
-        Eval-mode ``Dropout`` is the identity and eval-mode ``BatchNorm`` an affine map; in
+        Eval-mode ``Dropout`` is the identity, eval-mode ``BatchNorm`` and :class:`Normalize`
+        per-channel affine maps composed into the affine layer they sit in; in
         training mode both are refused. Anything else raises :class:`UnsupportedLayerError`
         naming the layer's index and type. The first and last layers must be affine.
         """
@@ -313,6 +368,8 @@ class Network:
                         "call model.eval() so its running statistics are used"
                     )
                 layers[-1].append(BatchNormOp(m))
+            elif isinstance(m, Normalize):
+                layers[-1].append(NormalizeOp(m))
             else:
                 raise UnsupportedLayerError(
                     f"layer {index} ({kind}) is not supported: polytope bounds chains of "

@@ -51,6 +51,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -64,7 +65,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from polytope.model.checks import check_device
-from polytope.model.errors import PolytopeError
+from polytope.model.errors import InvalidInputError, PolytopeError
 from polytope.runs.store import (
     INDEX_COLUMN,
     STORE_FORMAT,
@@ -87,6 +88,8 @@ __all__ = [
     "add_runner_arguments",
     "compute_device",
     "model_hash",
+    "non_negative_int",
+    "positive_int",
     "run",
     "run_kwargs_from_args",
     "summarize",
@@ -221,11 +224,14 @@ class FailedChunk:
         indices: the chunk's example indices.
         error: the last error, ``"ExceptionType: message"``.
         attempts: how many attempts were made (``None`` where the engine does not say).
+        deterministic: the error was a :class:`~polytope.model.errors.PolytopeError` (bad input, not
+            bad luck): it was not retried, and re-running will not help.
     """
 
     indices: tuple[int, ...]
     error: str
     attempts: int | None = None
+    deterministic: bool = False
 
     def describe(self) -> str:
         """``"examples 100-199 (3 attempts): ValueError: ..."``."""
@@ -252,7 +258,10 @@ class RunFailedError(PolytopeError, RuntimeError):
         lines = [f"{len(self.failed)} chunk(s) failed:"] + [f"  {c.describe()}" for c in self.failed]
         if self.missing:
             lines.append(f"  {len(self.missing)} example(s) missing from the store: {self.missing[:20]}")
-        lines.append("Re-run the same command to retry only these examples.")
+        if all(c.deterministic for c in self.failed) and not self.missing:
+            lines.append("These errors come from the input, not from the run: re-running will not help.")
+        else:
+            lines.append("Re-run the same command to retry only these examples.")
         super().__init__("\n".join(lines))
 
 
@@ -268,6 +277,12 @@ class _Outcome:
     error: str | None = None
     attempts: int | None = None
     skipped: bool = False  # another process committed these examples meanwhile
+    deterministic: bool = False  # a PolytopeError: never retried
+
+
+def _deterministic(exc: BaseException) -> bool:
+    """Errors of the input (polytope's own named errors) fail the same way every time: never retried."""
+    return isinstance(exc, PolytopeError)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -293,8 +308,9 @@ def _run_in_process(
             try:
                 df = fn(payload, list(chunk))
             except Exception as exc:
-                if attempts > retries:
-                    outcome = _Outcome(chunk, error=_describe_error(exc), attempts=attempts)
+                if attempts > retries or _deterministic(exc):
+                    outcome = _Outcome(chunk, error=_describe_error(exc), attempts=attempts,
+                                       deterministic=_deterministic(exc))
                     break
                 continue
             outcome = _Outcome(chunk, df=df, attempts=attempts)
@@ -373,10 +389,10 @@ def _run_process_pool(
     sterile_breaks = 0  # consecutive pools that broke before finishing any chunk
     last_break = ""
 
-    def retry_or_fail(chunk: tuple[int, ...], error: str) -> _Outcome | None:
+    def retry_or_fail(chunk: tuple[int, ...], error: str, deterministic: bool = False) -> _Outcome | None:
         attempts[chunk] = attempts.get(chunk, 0) + 1
-        if attempts[chunk] > retries:
-            return _Outcome(chunk, error=error, attempts=attempts[chunk])
+        if attempts[chunk] > retries or deterministic:
+            return _Outcome(chunk, error=error, attempts=attempts[chunk], deterministic=deterministic)
         queue.append(chunk)
         return None
 
@@ -421,7 +437,7 @@ def _run_process_pool(
                 elif isinstance(exc, cf.process.BrokenProcessPool):
                     broken.append(chunk)
                 else:
-                    outcome = retry_or_fail(chunk, _describe_error(exc))
+                    outcome = retry_or_fail(chunk, _describe_error(exc), _deterministic(exc))
                     if outcome is not None:
                         yield outcome
             if pool_broke:
@@ -600,8 +616,10 @@ def run(
             ``distributed.Client``; workers need polytope installed (and the module that
             defines ``compute_chunk`` importable).  Exclusive with ``workers > 1``.
         fresh: delete this run key's stored results first (other keys are kept).
-        retries: a failing chunk is retried this many times before it is reported.
-        progress: show a tqdm bar (examples done, rate, ETA) and a summary on stderr.
+        retries: a failing chunk is retried this many times before it is reported; a
+            :class:`~polytope.model.errors.PolytopeError` (bad input) is reported at once, never retried.
+        progress: show a tqdm bar (examples done, rate, ETA; only when stderr is a terminal)
+            and the store and summary lines on stderr.
 
     Returns:
         The rows of every example of ``spec``, sorted by ``index`` (stable within an example),
@@ -656,7 +674,7 @@ def run(
     computed = 0  # examples
     bar = tqdm(
         total=len(wanted), initial=len(wanted) - len(todo), unit="ex", desc=spec.command,
-        disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+        disable=not (progress and sys.stderr.isatty()), file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
     )
     try:
         with closing(outcomes):
@@ -675,7 +693,8 @@ def run(
                         computed += len(outcome.chunk)
                         bar.update(len(outcome.chunk))
                         continue
-                failed.append(FailedChunk(outcome.chunk, outcome.error or "unknown error", outcome.attempts))
+                failed.append(FailedChunk(outcome.chunk, outcome.error or "unknown error", outcome.attempts,
+                                          outcome.deterministic))
                 log(f"[{spec.command}] chunk failed: {failed[-1].describe()}")
     except KeyboardInterrupt:
         bar.close()
@@ -705,7 +724,8 @@ def run(
 # ----------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -715,7 +735,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 0."""
     try:
         value = int(text)
     except ValueError:
@@ -725,31 +746,52 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def writable_file(text: str) -> Path:
+    """An ``argparse`` type: a file that can be written (checked by creating a scratch file beside it)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'results.csv'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: the file is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: directory {parent} is not writable ({exc.strerror})") from None
+    return path
+
+
 def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options every batch command shares, in an argument group "batch run".
 
     ``--out``, ``--store``, ``--fresh``, ``--workers``, ``--dask-scheduler``,
-    ``--worker-device``, ``--chunk-size`` and ``--retries``.  Turn the parsed namespace into
+    ``--worker-device``, ``--chunk-size``, ``--no-progress`` and ``--retries``.  Turn the parsed namespace into
     :func:`run` keyword arguments with :func:`run_kwargs_from_args`, pick the device for
     the payload with :func:`compute_device`, and pass ``args.chunk_size`` to :class:`RunSpec`.
     """
     g = parser.add_argument_group("batch run")
-    g.add_argument("--out", type=Path, default=None, metavar="CSV",
-                   help="write the final table to this CSV file")
+    g.add_argument("--out", type=writable_file, default=None, metavar="CSV",
+                   help="write the final table to this CSV file (its directory must exist and be writable)")
     g.add_argument("--store", type=Path, default=DEFAULT_STORE, metavar="DIR",
                    help="results store root; finished chunks are kept there and reused "
                    f"(default: {DEFAULT_STORE}/)")
     g.add_argument("--fresh", action="store_true",
                    help="discard this run's stored results and start over")
-    g.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="local worker processes (default: 1, in this process)")
     g.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://host:8786")
     g.add_argument("--worker-device", default=None, metavar="DEVICE",
                    help="torch device on worker processes (default: cpu); e.g. cuda when workers have GPUs")
-    g.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="N",
+    g.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="N",
                    help=f"examples per chunk, the unit of work and of saving (default: {DEFAULT_CHUNK_SIZE})")
-    g.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar or run summary on stderr (there is no bar anyway when stderr is "
+                   "not a terminal)")
+    g.add_argument("--retries", type=non_negative_int, default=DEFAULT_RETRIES, metavar="N",
                    help=f"retries of a failing chunk before it is reported (default: {DEFAULT_RETRIES})")
     return parser
 
@@ -758,16 +800,17 @@ def run_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for :func:`run` from a namespace parsed with :func:`add_runner_arguments`.
 
     Raises:
-        ValueError: if both ``--workers N>1`` and ``--dask-scheduler`` were given.
+        InvalidInputError: if both ``--workers N>1`` and ``--dask-scheduler`` were given.
     """
     if args.dask_scheduler and args.workers > 1:
-        raise ValueError("--workers and --dask-scheduler are exclusive: pick one executor")
+        raise InvalidInputError("--workers and --dask-scheduler are exclusive: pick one executor")
     return {
         "store_dir": args.store,
         "fresh": bool(args.fresh),
         "workers": args.workers,
         "dask_scheduler": args.dask_scheduler or None,
         "retries": args.retries,
+        "progress": bool(getattr(args, "progress", True)),
     }
 
 

@@ -20,7 +20,7 @@ import torch
 from polytope.model.errors import UnsupportedLayerError
 from polytope.model.network import (
     AffineLayer,
-    BatchNormOp,
+    ChannelAffineOp,
     Conv2dOp,
     FlattenOp,
     LinearOp,
@@ -101,9 +101,9 @@ def flatten_matrix(op: FlattenOp, in_shape: Shape) -> SparseAffine:
     return SparseAffine(sp.identity(n, format="csr"), np.zeros(n), in_shape, op.out_shape(in_shape))
 
 
-def batchnorm_matrix(op: BatchNormOp, in_shape: Shape) -> SparseAffine:
-    """Eval-mode batch norm: a diagonal matrix of per-channel scales plus per-channel shifts."""
-    scale_t, shift_t = op._scale_shift()
+def batchnorm_matrix(op: ChannelAffineOp, in_shape: Shape) -> SparseAffine:
+    """Eval-mode batch norm or input normalisation: a diagonal matrix of per-channel scales plus shifts."""
+    scale_t, shift_t = op._expanded(in_shape)
     scale, shift = _numpy(scale_t), _numpy(shift_t)
     per_channel = numel(in_shape[1:])
     diag = np.repeat(scale, per_channel)
@@ -118,7 +118,7 @@ def op_matrix(op: Op, in_shape: Shape) -> SparseAffine:
         return conv2d_matrix(op, in_shape)
     if isinstance(op, FlattenOp):
         return flatten_matrix(op, in_shape)
-    if isinstance(op, BatchNormOp):
+    if isinstance(op, ChannelAffineOp):
         return batchnorm_matrix(op, in_shape)
     raise UnsupportedLayerError(f"no sparse form for operator {type(op).__name__}")
 
