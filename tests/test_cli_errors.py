@@ -1,7 +1,7 @@
 """The command line as a new user meets it (issue 16's table): every bad input is one line on stderr,
 exit status 2, before any computation starts.
 
-Each case runs the real entry point (``python -m polytope.commands.main``) of this checkout in a subprocess.
+Each case runs the real entry point (``python -m polytope``) of this checkout in a subprocess.
 "Before any computation" is checked by what is left behind: the results store (created as the
 first step of a batch run) and the ``--out`` file must not exist.
 """
@@ -27,9 +27,9 @@ FAST_S = 60.0
 
 
 def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m polytope.commands.main ARGS`` of this checkout, in ``cwd``, with stderr not a terminal."""
+    """``python -m polytope ARGS`` of this checkout, in ``cwd``, with stderr not a terminal."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "polytope.commands.main", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "polytope", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -81,7 +81,7 @@ def test_state_dict_with_arch_file_and_npz_data_end_to_end(own):
     out = own["dir"] / "certify.csv"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "polytope.commands.main", "certify", "--model", str(own["weights"]),
+        [sys.executable, "-m", "polytope", "certify", "--model", str(own["weights"]),
          "--arch", f"{own['arch']}:build", "--data", str(own["npz"]), "--eps", "0.01", "--float64",
          "--device", "cpu", "--store", str(own["dir"] / "store"), "--out", str(out)],
         cwd=own["dir"], env=env, capture_output=True, text=True, timeout=600,
