@@ -74,14 +74,41 @@ def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def save_outputs(fig: Figure, table: pd.DataFrame, out: Path, name: str, dpi: int = 150) -> tuple[Path, Path]:
-    """Write ``out/name.png`` and ``out/name.csv``; return their paths."""
+def save_figure(fig: Figure, out: Path, name: str, dpi: int = 150) -> Path:
+    """Write ``out/name.png``, close the figure; return the path."""
     out.mkdir(parents=True, exist_ok=True)
-    png, csv = out / f"{name}.png", out / f"{name}.csv"
+    png = out / f"{name}.png"
     fig.savefig(png, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+    return png
+
+
+def save_outputs(fig: Figure, table: pd.DataFrame, out: Path, name: str, dpi: int = 150) -> tuple[Path, Path]:
+    """Write ``out/name.png`` and ``out/name.csv``; return their paths."""
+    png, csv = save_figure(fig, out, name, dpi), out / f"{name}.csv"
     table.to_csv(csv, index=False)
     return png, csv
+
+
+def add_replot_option(parser: argparse.ArgumentParser, source: str) -> None:
+    """``--replot``: redraw the PNG from the CSV a full run left in ``--out`` (``source``), computing nothing."""
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help=f"only redraw the PNG from {source} in --out (written by an earlier run): no models, no bounds",
+    )
+
+
+def check_replot_source(parser: argparse.ArgumentParser, path: Path) -> Path:
+    """``path`` if the CSV ``--replot`` draws from exists; else a parser error (before any work)."""
+    if not path.is_file():
+        parser.error(f"--replot: {path} not found (run the experiment once without --replot)")
+    return path
+
+
+def read_replot_table(parser: argparse.ArgumentParser, path: Path) -> pd.DataFrame:
+    """The CSV ``--replot`` draws from (:func:`check_replot_source`)."""
+    return pd.read_csv(check_replot_source(parser, path))
 
 
 @contextmanager
@@ -136,15 +163,17 @@ def label_axes(ax: Axes, xlabel: bool = True, ylabel: bool = True, fontsize: flo
 # ---------------------------------------------------------------------------------------------
 # polygons
 # ---------------------------------------------------------------------------------------------
-def view_box(polygons: Sequence[Polygon], points: np.ndarray | None = None, margin: float = 0.08) -> np.ndarray:
-    """A square-ish ``[[x0, y0], [x1, y1]]`` around the polygons (and points) with a margin."""
+def view_box(
+    polygons: Sequence[Polygon], points: np.ndarray | None = None, margin: float = 0.08, square: bool = True
+) -> np.ndarray:
+    """A ``[[x0, y0], [x1, y1]]`` around the polygons (and points) with a margin: square, or fitted per axis."""
     parts = [p.vertices for p in polygons if len(p.vertices)]
     if points is not None and len(points):
         parts.append(np.stack([points.min(0), points.max(0)]))
     allv = np.concatenate(parts)
     lo, hi = allv.min(0), allv.max(0)
-    centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin)
-    half = max(half, 1e-9)
+    half = (hi - lo).max() / 2 if square else (hi - lo) / 2
+    centre, half = (lo + hi) / 2, np.maximum(half * (1 + margin), 1e-9)
     return np.stack([centre - half, centre + half])
 
 
@@ -164,15 +193,16 @@ def show_occupancy(ax: Axes, occupancy: np.ndarray, box: np.ndarray, color: str 
 
 
 def plot_true_polytope(
-    ax: Axes, true: TruePolytope, box: np.ndarray, net: Network | None = None, bins: int = 400
+    ax: Axes, true: TruePolytope, box: np.ndarray, net: Network | None = None, bins: int = 400, base: int = 101
 ) -> None:
     """The true polytope as the pixels it covers (a filled, usually non-convex shape).
 
-    With the network, cells of the input grid that ``f`` stretches over several pixels are
-    re-sampled (:func:`polytope.solvers.polygons.rasterize`); without it, the enumerated points are binned.
+    With the network, cells of a ``base x base`` input grid that ``f`` stretches over several
+    pixels are re-sampled (:func:`polytope.solvers.polygons.rasterize`); without it, the enumerated
+    points are binned.
     """
     if net is not None:
-        occupancy = rasterize(net, true.input_box, box, bins=bins)
+        occupancy = rasterize(net, true.input_box, box, bins=bins, base=base)
     else:
         pts = true.points
         hist, _, _ = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins, range=box.T.tolist())
@@ -194,6 +224,11 @@ def outline_polygon(ax: Axes, polygon: Polygon, **kwargs) -> None:
         ax.plot(closed[:, 0], closed[:, 1], **kwargs)
 
 
+def comparison_polygons(comp: PolygonComparison) -> list[Polygon]:
+    """The polygons :func:`draw_comparison` frames: the true hull, the dual and (if any) the LP polygon."""
+    return [comp.true.hull, comp.dual.polygon, *([comp.lp.polygon] if comp.lp is not None else [])]
+
+
 def draw_comparison(
     ax: Axes,
     comp: PolygonComparison,
@@ -201,26 +236,28 @@ def draw_comparison(
     bins: int = 400,
     inset: bool = False,
     view: np.ndarray | None = None,
+    equal: bool = True,
+    base: int = 101,
 ) -> np.ndarray:
     """True polytope (gray) over the LP polygon (green) with the dual polygon dashed.
 
-    ``view`` (``[[x0, y0], [x1, y1]]``) defaults to a square around all polygons.  Returns the
-    view.  With ``inset`` a small inset shows the layerwise box (red) and, as a black square,
-    the main view inside it, in the corner that hides the least of the polygons.
+    ``view`` (``[[x0, y0], [x1, y1]]``) defaults to a square around all polygons drawn at equal
+    aspect; with ``equal=False`` to a box fitted to them per axis, each axis at its own scale
+    (a strongly stretched axis needs a finer input grid ``base`` for :func:`plot_true_polytope`).
+    Returns the view.  With ``inset`` a small inset shows the layerwise box (red) and, as a black
+    square, the main view inside it, in the corner that hides the least of the polygons.
     """
-    polys = [comp.true.hull, comp.dual.polygon]
-    if comp.lp is not None:
-        polys.append(comp.lp.polygon)
-    box = view_box(polys) if view is None else np.asarray(view, dtype=np.float64)
+    polys = comparison_polygons(comp)
+    box = view_box(polys, square=equal) if view is None else np.asarray(view, dtype=np.float64)
     if comp.lp is not None:
         fill_polygon(ax, comp.lp.polygon, color=LP_FILL, zorder=1, lw=0)
-    plot_true_polytope(ax, comp.true, box, net, bins=bins)
+    plot_true_polytope(ax, comp.true, box, net, bins=bins, base=base)
     if comp.lp is not None:
         outline_polygon(ax, comp.lp.polygon, color=LP_EDGE, lw=1.0, zorder=3)
     outline_polygon(ax, comp.dual.polygon, color=DUAL_COLOR, lw=1.0, ls="--", zorder=4)
     ax.set_xlim(box[0, 0], box[1, 0])
     ax.set_ylim(box[0, 1], box[1, 1])
-    ax.set_aspect("equal", adjustable="box")
+    ax.set_aspect("equal" if equal else "auto", adjustable="box")
     ax.ticklabel_format(useOffset=False)
     if inset:
         draw_layerwise_inset(ax, comp.layerwise, box, corner=free_corner(polys, box))

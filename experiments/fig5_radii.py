@@ -10,7 +10,14 @@ a short run) and cached under ``runs/models/`` so that :mod:`experiments.table1`
 The paper reports medians of about 0.007 (standard) and 0.1 (robust) for correctly
 classified examples, and 5-6 Newton steps per example.
 
-    python -m experiments.fig5_radii [--quick] [--limit N] [--out figures/]
+The two panels share one y axis, so the gap between the models shows.  A misclassified
+example's radius, as in the paper's figure, is the largest ``eps`` at which Corollary 2
+certifies its (wrong) predicted class: it is drawn in red and so labelled; for its true label
+it is not robust at any ``eps`` (the robust error counts it at every radius).
+
+    python -m experiments.fig5_radii [--quick] [--limit N] [--out figures/] [--replot]
+
+``--replot`` redraws the PNG from the ``fig5_radii.csv`` already in ``--out``, computing nothing.
 
 ``--quick`` uses sklearn's digits and two tiny ``digits_mlp`` models trained in seconds.
 
@@ -50,6 +57,8 @@ from polytope.runs.tables import radius_rows
 NAME = "fig5_radii"
 #: The paper's values (Section 4.2).
 PAPER_MEDIAN = {"standard": 0.007, "robust": 0.1}
+#: The robust model of each data set (full run: the paper's released one; ``--quick``: a tiny one).
+ROBUST_NAME = {"mnist": "released:mnist (eps 0.1)", "digits": "digits_mlp robust eps 0.1 (4 epochs)"}
 CORRECT_COLOR = "#2b7bba"
 WRONG_COLOR = "#d7301f"
 
@@ -88,33 +97,54 @@ def radii(
 
 
 def plot(table: pd.DataFrame, dataset: str) -> Figure:
-    """Two panels (standard, robust): sorted radii, coloured by correctness (the paper's Figure 5)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    """Two panels (standard, robust) on one y scale: sorted radii, coloured by correctness (the paper's Figure 5).
+
+    A misclassified example's radius certifies its predicted (wrong) class (Corollary 2).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained", sharey=True)
     for ax, kind in zip(axes, ("standard", "robust"), strict=True):
         df = table[table["model"] == kind].sort_values("radius").reset_index(drop=True)
-        ok = df["correct"].to_numpy()
+        ok = df["correct"].to_numpy(dtype=bool)
         rank = np.arange(len(df))
-        ax.scatter(rank[ok], df["radius"][ok], s=4, color=CORRECT_COLOR, label="correctly classified", lw=0)
-        ax.scatter(rank[~ok], df["radius"][~ok], s=10, color=WRONG_COLOR, label="misclassified", lw=0, zorder=3)
+        ax.scatter(rank[ok], df["radius"][ok], s=6, color=CORRECT_COLOR, lw=0, label="correctly classified")
+        ax.scatter(
+            rank[~ok],
+            df["radius"][~ok],
+            s=22,
+            color=WRONG_COLOR,
+            marker="x",
+            lw=1.2,
+            zorder=3,
+            label="misclassified: the radius certifies its wrong prediction (Corollary 2);\n"
+            "for its true label it is not robust at any $\\epsilon$",
+        )
         med = float(df["radius"][ok].median()) if ok.any() else float("nan")
-        ax.axhline(med, color="0.3", ls="--", lw=0.8)
+        ax.axhline(med, color="0.3", ls="--", lw=0.8, label="median over the correctly classified")
         ax.text(
             0.97,
-            0.24,
+            0.5,
             f"median (correct) {med:.4f}\npaper: ~{PAPER_MEDIAN[kind]}\n{(~ok).sum()} of {len(df)} misclassified",
             transform=ax.transAxes,
-            va="bottom",
+            va="center",
             ha="right",
             fontsize=8,
             bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
         )
         ax.set_title(f"{kind} training")
         ax.set_xlabel("test example (sorted by radius)")
-        ax.set_ylabel(r"largest certified $\epsilon$ ($\ell_\infty$)")
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="lower right", fontsize=8, markerscale=2)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylim(0, 1.08 * float(table["radius"].max()))  # shared: both panels on one scale
+    axes[0].set_ylabel(r"largest certified $\epsilon$ ($\ell_\infty$) for the predicted class")
+    axes[1].tick_params(labelleft=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False, markerscale=1.5)
     fig.suptitle(f"Figure 5: maximum certified $\\epsilon$ per test example ({dataset}, eq. 17)")
     return fig
+
+
+def subtitle(dataset: str, limit: int) -> str:
+    """The figure's description of the run: data, number of examples, robust model."""
+    return f"{dataset}, first {limit} test examples; robust = {ROBUST_NAME[dataset]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,21 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = model_experiment_parser(NAME, __doc__)
     parser.add_argument("--limit", type=int, default=None, help="first N test examples (default: 500; --quick: 100)")
     parser.add_argument("--max-steps", type=int, default=30, help="Newton steps per example (default: 30)")
+    _plot.add_replot_option(parser, f"{NAME}.csv")
     args = parser.parse_args(argv)
+    dataset = "digits" if args.quick else "mnist"
+    if args.replot:
+        table = _plot.read_replot_table(parser, args.out / f"{NAME}.csv")
+        n = int((table["model"] == "standard").sum())
+        print(f"wrote {_plot.save_figure(plot(table, subtitle(dataset, n)), args.out, NAME)} from the CSV")
+        return 0
     torch.set_num_threads(args.threads)
     limit = args.limit or (100 if args.quick else 500)
     progress = not args.no_progress
     t0 = time.perf_counter()
     if args.quick:
-        dataset = "digits"
         std, std_info = standard_model(quick=True, models_dir=args.models_dir, seed=args.seed)
         rob, _ = quick_robust_model(args.models_dir, args.seed)
-        rob_name = "digits_mlp robust eps 0.1 (4 epochs)"
     else:
-        dataset = "mnist"
         std, std_info = standard_model(models_dir=args.models_dir, seed=args.seed, progress=progress)
         rob = load_released("mnist").eval()
-        rob_name = "released:mnist (eps 0.1)"
     print(
         f"standard model: {std_info['arch']}, {std_info['config']['epochs']} epochs, "
         f"trained in {std_info['seconds']:.0f} s (cached under {args.models_dir})"
@@ -156,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{df['newton_steps'].max()}  ({time.perf_counter() - t:.0f} s)"
         )
     table = pd.concat(parts, ignore_index=True)
-    fig = plot(table, f"{dataset}, first {limit} test examples; robust = {rob_name}")
+    fig = plot(table, subtitle(dataset, limit))
     png, csv = _plot.save_outputs(fig, table, args.out, NAME)
     print(f"wrote {png} and {csv} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from experiments import _plot
@@ -37,6 +38,10 @@ from polytope import DualNetwork, LinfBall, Network
 from polytope.solvers.polygons import PolygonComparison, compare_polygons
 
 NAME = "fig6_polytopes"
+#: At most this many tick labels per axis (the bottom row, with the widest ranges, had 8-9).
+MAX_TICKS = 6
+
+
 def n_unstable(net: Network, x: torch.Tensor, eps: float) -> list[int]:
     """Size of the paper's unstable set ``I_i`` in each ReLU layer (dual bounds)."""
     dual = DualNetwork(net, x, LinfBall(eps))
@@ -98,7 +103,12 @@ def run(
 
 
 def plot(comps: dict[tuple[int, float], PolygonComparison], table: pd.DataFrame, seed: int, bins: int = 300) -> Figure:
-    """Rows: eps; columns: networks; each panel notes its area ratios to the true hull."""
+    """Rows: eps; columns: networks; each panel notes its area ratios to the true hull.
+
+    Every panel is drawn at equal aspect (one unit of ``zhat_{k,1}`` as long as one of
+    ``zhat_{k,2}``, a square view around its polygons), so the shapes are not distorted; the
+    scale differs from panel to panel, and at most ``MAX_TICKS`` ticks per axis keep it readable.
+    """
     nets = sorted({j for j, _ in comps})
     epsilons = sorted({e for _, e in comps})
     fig, axes = _plot.panel_grid(len(epsilons), len(nets), size=3.2)
@@ -114,10 +124,13 @@ def plot(comps: dict[tuple[int, float], PolygonComparison], table: pd.DataFrame,
                 fontsize=9,
             )
             _plot.label_axes(ax, xlabel=r == len(epsilons) - 1, ylabel=c == 0)
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(MaxNLocator(nbins=MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]))
     _plot.finish(
         fig,
         "Figure 6: random 2-100-100-100-2 networks (weights N(0, std 1/sqrt(n_in)), biases N(0, 1))\n"
-        "panel titles: area of each outer bound / area of the true polytope's convex hull",
+        "panel titles: area of each outer bound / area of the true polytope's convex hull; "
+        "each panel to scale (1:1) on its own range",
         _plot.legend_handles(layerwise=False),
     )
     return fig
