@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from polytope.polygons import compare_polygons, random_network
+from polytope.solvers.polygons import compare_polygons, random_network
 
 from experiments import fig5_radii, fig6_polytopes, fig7_polytope_trained, fig10_index_sets, ladder
 from polytope import LinfBall, Network
