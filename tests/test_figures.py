@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from polytope.solvers.polygons import compare_polygons, random_network
 
 from experiments import fig5_radii, fig6_polytopes, fig7_polytope_trained, fig10_index_sets, ladder
 from polytope import LinfBall, Network
+from polytope.solvers.polygons import compare_polygons, random_network
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
