@@ -64,7 +64,9 @@ def as_local(command: str) -> str:
 
 def run_console(body: str, cwd: Path) -> None:
     """Run every command of a console block in ``cwd``; check its exit status and its output's shape."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # this checkout first; one thread, as the README's runs were made (and kind to a shared machine)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     for command, expected in console_steps(body):
         done = subprocess.run(as_local(command), shell=True, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT)
