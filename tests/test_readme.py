@@ -177,3 +177,11 @@ def test_ci_steps_reads_the_ci_script() -> None:
     steps = ci_steps()
     assert steps[0] == "python3 -m venv .venv" and steps[-1] == "python -m pytest -q"
     assert any(step.startswith("pip install torch==") for step in steps), "the torch pin"
+
+
+def test_default_directories_are_beside_the_repository() -> None:
+    """The README's defaults: ``../shared/data`` and ``../shared/models/wong_kolter_2018`` next to the checkout."""
+    from polytope.io import models
+
+    assert ROOT.parent / "shared" / "data" == data.REPO_DEFAULT_DATA_DIR
+    assert ROOT.parent / "shared" / "models" / "wong_kolter_2018" == models.DEFAULT_MODELS_DIR
