@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from polytope.io import data
-from polytope.io.models import released_model_path
+from polytope.io import data, models
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -126,8 +125,8 @@ def test_verify_your_own_model_runs_verbatim(tmp_path: Path) -> None:
 
 
 def test_quick_start_command_line_on_the_released_model(tmp_path: Path) -> None:
-    if not released_model_path("mnist").exists():
-        pytest.skip(f"released MNIST model not found at {released_model_path('mnist')} (set $POLYTOPE_MODELS)")
+    if not models.released_model_path("mnist").exists():
+        pytest.skip(f"released MNIST model not found at {models.released_model_path('mnist')} (set $POLYTOPE_MODELS)")
     if not data.dataset_info("mnist").present:
         pytest.skip(f"MNIST not found (set ${data.ENV_DATA_DIR})")
     ((_, console),) = marked_blocks("readme-released")
@@ -181,7 +180,5 @@ def test_ci_steps_reads_the_ci_script() -> None:
 
 def test_default_directories_are_beside_the_repository() -> None:
     """The README's defaults: ``../shared/data`` and ``../shared/models/wong_kolter_2018`` next to the checkout."""
-    from polytope.io import models
-
     assert ROOT.parent / "shared" / "data" == data.REPO_DEFAULT_DATA_DIR
     assert ROOT.parent / "shared" / "models" / "wong_kolter_2018" == models.DEFAULT_MODELS_DIR
