@@ -37,7 +37,7 @@ DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "svhn", "har", "digits")
 SPLITS: tuple[str, ...] = ("train", "test")
 ENV_DATA_DIR = "POLYTOPE_DATA"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # polytope/io/<module>.py -> the repository
 REPO_DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 HOME_DEFAULT_DATA_DIR = Path("~/.polytope/data")
 

@@ -23,7 +23,7 @@ from torch import nn
 from polytope.model.errors import ModelFileError, ModelModeError, UnsupportedLayerError
 
 ENV_MODELS_DIR = "POLYTOPE_MODELS"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # polytope/io/<module>.py -> the repository
 DEFAULT_MODELS_DIR = REPO_ROOT.parent / "shared" / "models" / "wong_kolter_2018"
 RELEASED_MODELS: tuple[str, ...] = ("mnist", "fashion_mnist", "svhn", "har")
 
