@@ -312,21 +312,30 @@ _DENSE_FRACTION = 0.3
 
 @dataclass(frozen=True)
 class Expression:
-    """Affine functions of model columns: ``values = matrix @ x[cols] + offset``, one row per unit.
+    """Affine functions of model columns, one row per unit: ``values = weight @ matrix @ x[cols] + offset``.
 
-    ``matrix`` is CSR or, once it is dense enough, a dense array; ``identity`` marks the
-    expression of units that are model columns themselves (``matrix`` is the identity).
+    ``matrix`` is CSR or, once it is dense enough, a dense array.  ``weight`` (CSR, optional) is a
+    layer's map still to be multiplied in: :meth:`rows` forms the product only for the units that
+    are asked for (a unit in ``I-`` never is).  ``identity`` marks units that are model columns
+    themselves (``matrix`` is the identity).
     """
 
     cols: np.ndarray
     matrix: sp.csr_matrix | np.ndarray
     offset: np.ndarray
     identity: bool = False
+    weight: sp.csr_matrix | None = None
+
+    def rows(self, units: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """The coefficient rows of ``units`` over ``cols``."""
+        if self.weight is None:
+            return self.matrix[units]
+        return _product(self.weight[units], self.matrix)
 
     def row(self, j: int) -> np.ndarray:
-        """Row ``j`` of ``matrix`` as a dense vector (an objective over ``cols``)."""
-        r = self.matrix[j]
-        return np.asarray(r.toarray()).ravel() if sp.issparse(r) else np.asarray(r, dtype=float)
+        """Row ``j`` as a dense vector (an objective over ``cols``)."""
+        r = self.rows(np.array([j]))
+        return np.asarray(r.toarray() if sp.issparse(r) else r, dtype=float).ravel()
 
 
 def _compact(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
@@ -412,8 +421,8 @@ def compose_affine(cols: NetworkColumns, affine: SparseAffine) -> Expression:
     """
     post = cols.post
     assert post is not None, "add_input comes first"
-    matrix = _product(affine.matrix, post.matrix)
-    cols.pending = Expression(post.cols, matrix, affine.matrix @ post.offset + affine.bias)
+    offset = affine.matrix @ post.offset + affine.bias
+    cols.pending = Expression(post.cols, post.matrix, offset, weight=affine.matrix)
     cols.affines.append(affine)
     return cols.pending
 
@@ -434,7 +443,7 @@ def _materialise(model: HighsModel, expr: Expression, units: np.ndarray) -> np.n
     n = units.size
     new = model.add_cols(np.full(n, -_INF), np.full(n, _INF))
     offset = expr.offset[units]
-    model.add_rows(offset, offset, [(new, sp.identity(n, format="csr")), (expr.cols, -expr.matrix[units])])
+    model.add_rows(offset, offset, [(new, sp.identity(n, format="csr")), (expr.cols, -expr.rows(units))])
     return new
 
 
@@ -486,12 +495,16 @@ def add_relu(
 def _relu_expression(expr: Expression, positive: np.ndarray, unst: np.ndarray, z: np.ndarray) -> Expression:
     """``z_i`` as an expression: ``zhat``'s rows on ``I+``, 0 on ``I-``, the new columns ``z`` on ``I``."""
     n = positive.size
-    keep = sp.diags(positive.astype(float))
+    pos = np.flatnonzero(positive)
+    on_pos = expr.rows(pos)
     on_z = sp.csr_matrix((np.ones(unst.size), (unst, np.arange(unst.size))), shape=(n, unst.size))
-    if sp.issparse(expr.matrix):
-        matrix = _compact(sp.hstack([keep @ expr.matrix, on_z], format="csr"))
+    if sp.issparse(on_pos):
+        place = sp.csr_matrix((np.ones(pos.size), (pos, np.arange(pos.size))), shape=(n, pos.size))
+        matrix = _compact(sp.hstack([place @ on_pos, on_z], format="csr"))
     else:
-        matrix = np.hstack([expr.matrix * positive[:, None], on_z.toarray()])
+        matrix = np.zeros((n, expr.cols.size + unst.size))
+        matrix[pos, : expr.cols.size] = on_pos
+        matrix[unst, expr.cols.size + np.arange(unst.size)] = 1.0
     return Expression(np.concatenate([expr.cols, z]), matrix, np.where(positive, expr.offset, 0.0))
 
 
