@@ -60,7 +60,9 @@ class LPResult:
     ``bound`` is a proven lower bound on the objective (equal to ``value`` for an optimal LP;
     the MILP's dual bound, which survives a time limit); NaN when none is known.
     ``z_out`` (``zhat_k``), ``z_in`` (``z_1``) and ``layers`` (``(zhat_i, z_i)`` per ReLU layer,
-    flattened) are the primal solution when the solver has one, else ``None``.  ``iterations``
+    flattened) are the primal solution when the solver has one, else ``None``; ``z_in``, ``z_out``
+    and ``z_i`` on unstable units are model columns, the rest of ``layers`` is recomputed from
+    them by eq. (19)'s equalities (see :func:`extract`).  ``iterations``
     counts simplex iterations (LP) or branch-and-bound nodes (MILP).
     """
 

@@ -12,9 +12,15 @@ For one example ``x`` and an objective ``c`` on the output, eq. (19) is::
 
 Theorem 1's ``J(c, alpha)`` is the objective of its dual, so ``J <= LP <= min c^T f`` and, with
 the same bounds ``l, u``, ``max_alpha J = LP``: :func:`~polytope.bounds.alpha.optimize_alpha` closes that gap from
-below.  :class:`RelaxedLP` builds the model once per example (one CSR block per layer from
-:mod:`polytope.solvers.sparse_ops`) and only swaps the objective between targets, so each further
-target is a warm-started dual simplex from the previous basis.
+below.  :class:`RelaxedLP` builds the model once per example and only swaps the objective between
+targets, so each further target is a warm-started dual simplex from the previous basis.  The model
+has columns only for ``z_1``, the unstable units (``zhat`` and ``z`` on ``I``) and the output
+``zhat_k``: a stable unit is an affine function of earlier columns (``z = zhat`` on ``I+``, 0 on
+``I-``), so each layer's ``zhat`` is the product of the layer matrices of
+:mod:`polytope.solvers.sparse_ops` with the previous layer's expression
+(:func:`~polytope.solvers.highs.compose_affine`).  On the released MNIST model this is about
+1,100 columns, 500 rows and 22,000 non-zeros instead of 10,400, 6,500 and 560,000; the optimum is
+the same LP's.
 
 Input sets: the l_inf ball (and its box-clipped version) is a box on ``z_1``; the l_1 ball adds
 ``t >= |z_1 - x|``, ``sum t <= eps``.  The l_2 ball is not polyhedral: :class:`RelaxedLP`
