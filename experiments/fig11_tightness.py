@@ -23,7 +23,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from experiments._plot import experiment_parser, quick_robust_model, save_outputs, standard_model
+from experiments._plot import (
+    add_replot_option,
+    experiment_parser,
+    quick_robust_model,
+    read_replot_table,
+    save_figure,
+    save_outputs,
+    standard_model,
+)
 from polytope.io.data import load_dataset
 from polytope.io.models import build_arch, load_released
 from polytope.model.network import Network
@@ -50,6 +58,35 @@ def models(quick: bool, seed: int, panels: Sequence[str]) -> tuple[list[tuple[st
     return [build[name]() for name in panels], dataset
 
 
+def plot(table: pd.DataFrame, title: str) -> plt.Figure:
+    """One scatter panel per model (in the CSV's order): LP optimum against the dual bound, LP = dual dashed.
+
+    Each title gives the median gap, its median relative to ``|LP|``, the pairs and the seconds per example.
+    """
+    labels = list(dict.fromkeys(table["model"]))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.6 * len(labels), 4.6), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        part = table[(table["model"] == label) & (table["lp_status"] == "optimal")]
+        ax.scatter(part["lp"], part["dual"], s=8, alpha=0.6)
+        lo, hi = min(part["lp"].min(), part["dual"].min()), max(part["lp"].max(), part["dual"].max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="LP = dual")
+        gap = part["lp"] - part["dual"]
+        relative = (gap / part["lp"].abs()).median()
+        per_example = table.loc[table["model"] == label, "example_seconds"].median()
+        ax.set_title(
+            f"{label}\nmedian LP - dual = {gap.median():.3g} ({relative:.1%} of |LP|)\n"
+            f"{len(part)} pairs, {per_example:.3g} s per example",
+            fontsize=10,
+        )
+        ax.set_xlabel("exact LP optimum (eq. 19)")
+        ax.set_ylabel("dual bound J (Theorem 1)")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Compute the rows and draw the three panels."""
     parser = experiment_parser(NAME, __doc__)
@@ -57,12 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-large", type=int, default=None,
                         help="test examples for the random and standard panels (default: --n)")
     parser.add_argument("--large-solver", choices=("simplex", "ipm"), default="ipm",
-                        help="HiGHS solver for the random and standard panels' LPs (default ipm, with crossover)")
+                        help="HiGHS solver for the random and standard panels' LPs (ipm: with crossover)")
     parser.add_argument("--eps", type=float, default=0.1, help="l_inf radius")
     parser.add_argument("--models", nargs="+", choices=PANELS, default=list(PANELS),
                         help="panels to draw (random and standard MNIST models have thousands of unstable units "
-                             "at eps 0.1: about 2 minutes per example)")
+                             "at eps 0.1: 2-4 minutes per example)")
+    add_replot_option(parser, f"{NAME}.csv")
     args = parser.parse_args(argv)
+    dataset = "digits" if args.quick else "mnist"
+    title = f"Figure 11: primal LP vs dual bound, {dataset}, eps = {args.eps}"
+    if args.replot:
+        fig = plot(read_replot_table(parser, args.out / f"{NAME}.csv"), title)
+        print(f"wrote {save_figure(fig, args.out, NAME)} from the CSV")
+        return 0
     n = args.n or (3 if args.quick else 25)
     n_large = n if args.n_large is None else args.n_large
     panels, dataset = models(args.quick, args.seed, args.models)
@@ -78,22 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append({"model": label, "index": i, "example_seconds": math.nan, **row})
             rows[-1]["example_seconds"] = time.perf_counter() - start
     table = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
-    for ax, (label, _) in zip(axes[0], panels, strict=True):
-        part = table[(table["model"] == label) & (table["lp_status"] == "optimal")]
-        ax.scatter(part["lp"], part["dual"], s=8, alpha=0.6)
-        lo, hi = min(part["lp"].min(), part["dual"].min()), max(part["lp"].max(), part["dual"].max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="LP = dual")
-        gap = (part["lp"] - part["dual"]).median()
-        per_example = table.loc[table["model"] == label, "example_seconds"].median()
-        ax.set_title(f"{label}\nmedian LP - dual = {gap:.3g} ({len(part)} pairs, {per_example:.3g} s/example)")
-        ax.set_xlabel("exact LP optimum (eq. 19)")
-        ax.set_ylabel("dual bound J (Theorem 1)")
-        ax.legend(loc="upper left", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Figure 11: primal LP vs dual bound, {dataset}, eps = {args.eps}")
-    fig.tight_layout()
-    png, csv = save_outputs(fig, table, args.out, NAME)
+    png, csv = save_outputs(plot(table, title), table, args.out, NAME)
     print(f"wrote {png} and {csv}")
     return 0
 
