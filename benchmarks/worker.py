@@ -337,6 +337,9 @@ class Polytope(Side):
                 "model": model,
             }
 
+        # Untimed warm-up on the next image: first-call costs (HiGHS's first instance, torch kernels) stay out.
+        x_next, y_next = self.batch(idx + 1, idx + 2)
+        lpmod.RelaxedLP(self.net, x_next, ball).solve(eye[int(y_next[0])] - eye[(int(y_next[0]) + 1) % 10])
         results: dict[str, Any] = {}
         for path in paths:
             try:
