@@ -30,7 +30,19 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.model.network import Network
 from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
-from polytope.solvers.highs import BYTES_PER_NONZERO, LPResult, available_memory, relu_sets
+from polytope.solvers.highs import (
+    BYTES_PER_NONZERO,
+    HighsModel,
+    LPResult,
+    NetworkColumns,
+    add_affine,
+    add_input,
+    add_relu,
+    available_memory,
+    extract,
+    relu_sets,
+    solver_options,
+)
 from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
 from polytope.solvers.sparse_ops import layer_matrix, network_matrices
@@ -258,6 +270,106 @@ def test_highspy_and_cvxpy_builders_agree(problem, kind):
         a, b = lp.solve(c), twin.solve(c)
         assert a.success and b.success
         assert abs(a.value - b.value) <= TOL * max(1.0, abs(a.value))
+
+
+def _relu_prefix(seq: nn.Sequential, i: int) -> nn.Sequential:
+    """The modules before the ``i``-th ReLU: a network whose output is ``zhat`` of ReLU layer ``i``."""
+    cut = [k for k, m in enumerate(seq) if isinstance(m, nn.ReLU)][i]
+    return seq[:cut]
+
+
+def _lp_all_reference(seq: nn.Sequential, x: torch.Tensor, input_set) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``bounds="lp-all"`` re-derived independently: cvxpy's eq. (19) (every unit a variable) over prefix nets.
+
+    As in :class:`RelaxedLP`: the first layer keeps the dual bounds; later layers re-solve the
+    units that the dual bounds leave unstable, keeping the tighter of the two.
+    """
+    net = Network.from_torch(seq)
+    with torch.no_grad():
+        dual = DualNetwork(net, x, input_set)
+    flat = [(lo[0].flatten().numpy(), up[0].flatten().numpy()) for lo, up in dual.bounds]
+    bounds = [flat[0]]
+    for i in range(1, len(flat)):
+        lo, up = flat[i][0].copy(), flat[i][1].copy()
+        twin = RelaxedLPCvxpy(Network.from_torch(_relu_prefix(seq, i)), x, input_set, bounds=bounds)
+        for j in np.flatnonzero(relu_sets(lo, up)[2]):
+            e = torch.zeros(lo.size, dtype=torch.float64)
+            e[j] = 1.0
+            low, high = twin.solve(e), twin.solve(-e)
+            assert low.success and high.success
+            lo[j], up[j] = max(lo[j], low.value), min(up[j], -high.value)
+        bounds.append((lo, up))
+    return bounds
+
+
+def _close(a: float, b: float, tol: float = TOL) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+@settings(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    problem=st.one_of(fc_problems(hidden_layers=(2, 3, 4)), conv_problems()),
+    kind=st.sampled_from(["linf", "linf-box", "l1"]),
+)
+def test_lp_all_bounds_and_optima_match_the_cvxpy_formulation(problem, kind):
+    """The composed model (columns only for unstable units) against cvxpy's full eq. (19), to 1e-6:
+    the LP-all bounds layer by layer, the LP optima under dual and LP-all bounds, and dual <= LP."""
+    seq, x, eps, seed = problem
+    net = Network.from_torch(seq)
+    input_set, x = _input_set(kind, eps, x)
+    lp_all = RelaxedLP(net, x, input_set, bounds="lp-all")
+    reference = _lp_all_reference(seq, x, input_set)
+    for (lo, up), (ref_lo, ref_up) in zip(lp_all.bounds, reference, strict=True):
+        np.testing.assert_allclose(lo, ref_lo, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(up, ref_up, rtol=TOL, atol=TOL)
+    lp = RelaxedLP(net, x, input_set)
+    twins = RelaxedLPCvxpy(net, x, input_set), RelaxedLPCvxpy(net, x, input_set, bounds=reference)
+    dual = DualNetwork(net, x, input_set)
+    for k in range(3):
+        c = _objective(seed + k, lp.n_out)
+        with torch.no_grad():
+            j = float(dual.objective(c[None, None])[0, 0])
+        for model, twin in zip((lp, lp_all), twins, strict=True):
+            a, b = model.solve(c), twin.solve(c)
+            assert a.success and b.success
+            assert _close(a.value, b.value), (a.value, b.value)
+            assert _leq(j, a.value)
+
+
+def _explicit_model(net: Network, x: torch.Tensor, input_set, bounds) -> tuple[HighsModel, NetworkColumns]:
+    """The builder used layer by layer with :func:`add_affine` (a column for every ``zhat``), as callers may."""
+    model = HighsModel(solver_options(1e-9, 1e-9, None))
+    cols = add_input(model, x[0].flatten().numpy(), input_set, x)
+    affines = network_matrices(net, tuple(x.shape[1:]))
+    for affine, (lo, up) in zip(affines[:-1], bounds, strict=True):
+        add_affine(model, cols, affine)
+        add_relu(model, cols, lo, up)
+    add_affine(model, cols, affines[-1])
+    return model, cols
+
+
+@SETTINGS
+@given(problem=st.one_of(fc_problems(hidden_layers=(1, 2, 3)), conv_problems()), kind=st.sampled_from(["linf", "l1"]))
+def test_explicit_and_composed_builders_agree(problem, kind):
+    """add_affine on every layer (explicit zhat columns) and compose_affine (columns for I only) give the
+    same optimum; extract rebuilds every layer's (zhat, z) consistently in both; the output stays columns."""
+    seq, x, eps, seed = problem
+    net = Network.from_torch(seq)
+    input_set, x = _input_set(kind, eps, x)
+    lp = RelaxedLP(net, x, input_set)
+    model, cols = _explicit_model(net, x, input_set, lp.bounds)
+    assert cols.zhat[-1].size == lp.n_out and lp.cols.zhat[-1].size == lp.n_out
+    assert [z.size for z in lp.cols.z] == lp.n_unstable == [z.size for z in cols.z]
+    c = _objective(seed, lp.n_out)
+    r = lp.solve(c)
+    model.set_objective(cols.zhat[-1], c.numpy())
+    status, _, _ = model.run(None, warm=False)
+    assert r.success and status == "optimal"
+    assert _close(r.value, model.objective_value()), (r.value, model.objective_value())
+    _, z_out, layers = extract(model.values(), cols)
+    assert _close(float(c.numpy() @ z_out), model.objective_value())
+    for (zhat, z), (lo, _) in zip(layers, lp.bounds, strict=True):
+        assert np.all(z >= -1e-7) and np.all(z >= zhat - 1e-7) and zhat.size == lo.size
 
 
 def _check_eq19(seq: nn.Sequential, x: torch.Tensor, input_set, lp: RelaxedLP, r: LPResult, c) -> None:

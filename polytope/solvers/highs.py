@@ -60,7 +60,9 @@ class LPResult:
     ``bound`` is a proven lower bound on the objective (equal to ``value`` for an optimal LP;
     the MILP's dual bound, which survives a time limit); NaN when none is known.
     ``z_out`` (``zhat_k``), ``z_in`` (``z_1``) and ``layers`` (``(zhat_i, z_i)`` per ReLU layer,
-    flattened) are the primal solution when the solver has one, else ``None``.  ``iterations``
+    flattened) are the primal solution when the solver has one, else ``None``; ``z_in``, ``z_out``
+    and ``z_i`` on unstable units are model columns, the rest of ``layers`` is recomputed from
+    them by eq. (19)'s equalities (see :func:`extract`).  ``iterations``
     counts simplex iterations (LP) or branch-and-bound nodes (MILP).
     """
 
@@ -306,9 +308,76 @@ class HighsModel:
 # ---------------------------------------------------------------------------------------------
 # Eq. (19) as HiGHS columns and rows, one layer at a time
 # ---------------------------------------------------------------------------------------------
+#: An expression matrix denser than this is kept as a dense array (BLAS products, no index arithmetic).
+_DENSE_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class Expression:
+    """Affine functions of model columns, one row per unit: ``values = weight @ matrix @ x[cols] + offset``.
+
+    ``matrix`` is CSR or, once it is dense enough, a dense array.  ``weight`` (CSR, optional) is a
+    layer's map still to be multiplied in: :meth:`rows` forms the product only for the units that
+    are asked for (a unit in ``I-`` never is).  ``identity`` marks units that are model columns
+    themselves (``matrix`` is the identity).
+    """
+
+    cols: np.ndarray
+    matrix: sp.csr_matrix | np.ndarray
+    offset: np.ndarray
+    identity: bool = False
+    weight: sp.csr_matrix | None = None
+
+    def rows(self, units: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """The coefficient rows of ``units`` over ``cols``."""
+        if self.weight is None:
+            return self.matrix[units]
+        return _product(self.weight[units], self.matrix)
+
+    def row(self, j: int) -> np.ndarray:
+        """Row ``j`` as a dense vector (an objective over ``cols``)."""
+        r = self.rows(np.array([j]))
+        return np.asarray(r.toarray() if sp.issparse(r) else r, dtype=float).ravel()
+
+
+def _compact(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """``matrix`` as CSR, or as a dense array when more than :data:`_DENSE_FRACTION` of it is non-zero."""
+    if not sp.issparse(matrix):
+        return np.asarray(matrix, dtype=float)
+    rows, cols = matrix.shape
+    if rows * cols and matrix.nnz > _DENSE_FRACTION * rows * cols:
+        return matrix.toarray()
+    return sp.csr_matrix(matrix)
+
+
+def _product(weight: sp.csr_matrix, matrix: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """``weight @ matrix``; a dense ``matrix`` meets a dense-enough ``weight`` as a dense array (BLAS)."""
+    if sp.issparse(matrix):
+        return _compact(weight @ matrix)
+    return _compact(weight) @ matrix
+
+
+def _identity(cols: np.ndarray) -> Expression:
+    n = cols.size
+    return Expression(cols, sp.identity(n, format="csr"), np.zeros(n), identity=True)
+
+
 @dataclass
 class NetworkColumns:
-    """Column indices of every variable of eq. (19) in a :class:`HighsModel`."""
+    """Column indices of the variables of eq. (19) in a :class:`HighsModel`, and how to read the rest.
+
+    Only the input, the unstable units and the output are columns (with :func:`compose_affine`):
+    a stable unit is an affine function of earlier columns (``I+``: its ``zhat``; ``I-``: 0), so
+    between two layers of unstable units the network is one composed affine map.
+
+    ``zhat[i]``: the columns of layer ``i``'s ``zhat`` -- every unit after :func:`add_affine`
+    (always so for the output layer, ``zhat[-1]``), the units ``unstable[i]`` (in that order)
+    after :func:`compose_affine`.  ``z[i]``: the columns of ``z_i`` on ``unstable[i]``.
+    ``lower_rows[i]``: the rows ``z >= zhat`` of ``unstable[i]``; ``binaries[i]``: the MILP's
+    indicator columns (empty for the LP).  ``affines``/``positive``: each layer's map and ``I+``
+    mask, from which :func:`extract` rebuilds every unit's value; ``post`` is the newest layer's
+    ``z`` (the input at first) and ``pending`` the newest affine map's ``zhat`` as expressions.
+    """
 
     input: np.ndarray
     zhat: list[np.ndarray] = field(default_factory=list)
@@ -316,6 +385,10 @@ class NetworkColumns:
     unstable: list[np.ndarray] = field(default_factory=list)
     lower_rows: list[np.ndarray] = field(default_factory=list)
     binaries: list[np.ndarray] = field(default_factory=list)
+    affines: list[SparseAffine] = field(default_factory=list)
+    positive: list[np.ndarray] = field(default_factory=list)
+    post: Expression | None = None
+    pending: Expression | None = None
 
 
 def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.Tensor) -> NetworkColumns:
@@ -329,6 +402,7 @@ def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.
         raise SolverError(f"no LP form for input set {type(input_set).__name__}")
     lo, hi = input_set.box(x64)
     cols = NetworkColumns(model.add_cols(lo.flatten().numpy(), hi.flatten().numpy()))
+    cols.post = _identity(cols.input)
     if isinstance(input_set, L1Ball):
         eps = float(input_set.radius(x64)[0])
         n = x.size
@@ -340,14 +414,39 @@ def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.
     return cols
 
 
+def compose_affine(cols: NetworkColumns, affine: SparseAffine) -> Expression:
+    """``zhat_{i+1} = W_i z_i + b_i`` as an expression over the existing columns (no new columns or rows).
+
+    ``z_i`` is itself an expression (its stable units are functions of earlier columns), so this
+    is the product ``W_i M_i`` of the two maps; :func:`add_relu` then gives columns to the
+    unstable units only.
+    """
+    post = cols.post
+    assert post is not None, "add_input comes first"
+    offset = affine.matrix @ post.offset + affine.bias
+    cols.pending = Expression(post.cols, post.matrix, offset, weight=affine.matrix)
+    cols.affines.append(affine)
+    return cols.pending
+
+
 def add_affine(model: HighsModel, cols: NetworkColumns, affine: SparseAffine) -> np.ndarray:
-    """Free columns ``zhat_{i+1}`` and the equality rows ``zhat_{i+1} - W_i z_i = b_i``."""
-    prev = cols.input if not cols.z else cols.z[-1]
-    n = affine.matrix.shape[0]
-    zhat = model.add_cols(np.full(n, -_INF), np.full(n, _INF))
-    model.add_rows(affine.bias, affine.bias, [(zhat, sp.identity(n, format="csr")), (prev, -affine.matrix)])
+    """Free columns ``zhat_{i+1}`` for every unit and the equality rows ``zhat_{i+1} - W_i z_i = b_i``."""
+    expr = compose_affine(cols, affine)
+    zhat = _materialise(model, expr, np.arange(expr.offset.size))
+    cols.pending = _identity(zhat)
     cols.zhat.append(zhat)
     return zhat
+
+
+def _materialise(model: HighsModel, expr: Expression, units: np.ndarray) -> np.ndarray:
+    """Columns equal to the expression's rows ``units`` (free columns and equality rows); their indices."""
+    if expr.identity:
+        return expr.cols[units]
+    n = units.size
+    new = model.add_cols(np.full(n, -_INF), np.full(n, _INF))
+    offset = expr.offset[units]
+    model.add_rows(offset, offset, [(new, sp.identity(n, format="csr")), (expr.cols, -expr.rows(units))])
+    return new
 
 
 def add_relu(
@@ -355,53 +454,76 @@ def add_relu(
 ) -> np.ndarray:
     """``z_i = ReLU(zhat_i)`` relaxed by eq. (19) on ``I`` (or exactly by big-M binaries).
 
-    ``I-``: ``z = 0`` (column fixed at 0); ``I+``: ``z = zhat``; ``I``: ``z >= 0``, ``z >= zhat``
-    and the upper line, written divided by ``u - l > 0`` as ``z - d zhat <= -d l`` with
-    ``d = u/(u-l)`` (the same half-space as eq. 19, better scaled).  With ``exact=True`` the
-    upper line becomes ``z <= zhat - l (1 - a)``, ``z <= u a`` with a binary ``a`` (a MILP).
+    ``I-``: ``z = 0`` and ``I+``: ``z = zhat`` need no columns (they enter the next layer's
+    expression); ``I`` gets columns ``zhat`` and ``z`` with ``z >= 0`` (column bound),
+    ``z >= zhat`` and the upper line, written divided by ``u - l > 0`` as ``z - d zhat <= -d l``
+    with ``d = u/(u-l)`` (the same half-space as eq. 19, better scaled).  With ``exact=True``
+    the upper line becomes ``z <= zhat - l (1 - a)``, ``z <= u a`` with a binary ``a`` (a MILP).
+    Returns the columns of ``z`` on ``I``.
     """
-    zhat = cols.zhat[-1]
-    negative, positive, unstable = relu_sets(lower, upper)
-    col_lo = np.where(positive, -_INF, 0.0)
-    col_hi = np.where(negative, 0.0, _INF)
-    z = model.add_cols(col_lo, col_hi)
-    cols.z.append(z)
-
-    pos = np.flatnonzero(positive)
+    expr = cols.pending
+    assert expr is not None, "compose_affine or add_affine comes first"
+    _, positive, unstable = relu_sets(lower, upper)
     unst = np.flatnonzero(unstable)
-    sel_pos = _selector(pos, lower.size)
-    sel_unst = _selector(unst, lower.size)
-    zeros_pos = np.zeros(pos.size)
-    model.add_rows(zeros_pos, zeros_pos, [(z, sel_pos), (zhat, -sel_pos)])  # z = zhat on I+
     n_u = unst.size
-    rows = model.add_rows(np.zeros(n_u), np.full(n_u, _INF), [(z, sel_unst), (zhat, -sel_unst)])  # z >= zhat
+    zhat = _materialise(model, expr, unst)
+    if not expr.identity:
+        cols.zhat.append(zhat)
+    z = model.add_cols(np.zeros(n_u), np.full(n_u, _INF))
+    eye = sp.identity(n_u, format="csr")
+    rows = model.add_rows(np.zeros(n_u), np.full(n_u, _INF), [(z, eye), (zhat, -eye)])  # z >= zhat
+    l_u, u_u = lower[unst], upper[unst]
+    if exact:
+        a = model.add_cols(np.zeros(n_u), np.ones(n_u))
+        model.set_integer(a)
+        # z - zhat - l a <= -l   (a = 0: z <= zhat - l is slack; a = 1: z <= zhat)
+        model.add_rows(np.full(n_u, -_INF), -l_u, [(z, eye), (zhat, -eye), (a, -sp.diags(l_u))])
+        # z - u a <= 0           (a = 0: z = 0; a = 1: z <= u)
+        model.add_rows(np.full(n_u, -_INF), np.zeros(n_u), [(z, eye), (a, -sp.diags(u_u))])
+    else:
+        a = np.empty(0, dtype=np.int32)
+        d = u_u / (u_u - l_u)
+        model.add_rows(np.full(n_u, -_INF), -d * l_u, [(z, eye), (zhat, -sp.diags(d))])
+    cols.z.append(z)
     cols.unstable.append(unst)
     cols.lower_rows.append(rows)
-    l_u, u_u = lower[unst], upper[unst]
-    if not exact:
-        d = u_u / (u_u - l_u)
-        model.add_rows(np.full(n_u, -_INF), -d * l_u, [(z, sel_unst), (zhat, -sp.diags(d) @ sel_unst)])
-        cols.binaries.append(np.empty(0, dtype=np.int32))
-        return z
-    a = model.add_cols(np.zeros(n_u), np.ones(n_u))
-    model.set_integer(a)
-    # z - zhat - l a <= -l   (a = 0: z <= zhat - l is slack; a = 1: z <= zhat)
-    model.add_rows(np.full(n_u, -_INF), -l_u, [(z, sel_unst), (zhat, -sel_unst), (a, -sp.diags(l_u))])
-    # z - u a <= 0           (a = 0: z = 0; a = 1: z <= u)
-    model.add_rows(np.full(n_u, -_INF), np.zeros(n_u), [(z, sel_unst), (a, -sp.diags(u_u))])
     cols.binaries.append(a)
+    cols.positive.append(positive)
+    cols.post = _relu_expression(expr, positive, unst, z)
+    cols.pending = None
     return z
 
 
-def _selector(index: np.ndarray, n: int) -> sp.csr_matrix:
-    """The ``(len(index), n)`` 0/1 matrix that picks entries ``index`` of a length-``n`` vector."""
-    return sp.csr_matrix((np.ones(index.size), (np.arange(index.size), index)), shape=(index.size, n))
+def _relu_expression(expr: Expression, positive: np.ndarray, unst: np.ndarray, z: np.ndarray) -> Expression:
+    """``z_i`` as an expression: ``zhat``'s rows on ``I+``, 0 on ``I-``, the new columns ``z`` on ``I``."""
+    n = positive.size
+    pos = np.flatnonzero(positive)
+    on_pos = expr.rows(pos)
+    on_z = sp.csr_matrix((np.ones(unst.size), (unst, np.arange(unst.size))), shape=(n, unst.size))
+    if sp.issparse(on_pos):
+        place = sp.csr_matrix((np.ones(pos.size), (pos, np.arange(pos.size))), shape=(n, pos.size))
+        matrix = _compact(sp.hstack([place @ on_pos, on_z], format="csr"))
+    else:
+        matrix = np.zeros((n, expr.cols.size + unst.size))
+        matrix[pos, : expr.cols.size] = on_pos
+        matrix[unst, expr.cols.size + np.arange(unst.size)] = 1.0
+    return Expression(np.concatenate([expr.cols, z]), matrix, np.where(positive, expr.offset, 0.0))
 
 
 def extract(values: np.ndarray, cols: NetworkColumns) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """``(z_in, z_out, ((zhat_i, z_i), ...))`` from a vector of column values."""
-    layers = tuple((values[zh], values[z]) for zh, z in zip(cols.zhat, cols.z, strict=False))
-    return values[cols.input], values[cols.zhat[-1]], layers
+    """``(z_in, z_out, ((zhat_i, z_i), ...))`` from a vector of column values.
+
+    ``z_in`` and ``z_out`` are columns; every layer's ``zhat_i`` and ``z_i`` is recomputed by the
+    forward pass of eq. (19)'s equalities, with ``z_i`` read from its columns on ``I``.
+    """
+    z = values[cols.input]
+    layers = []
+    for affine, positive, unst, z_cols in zip(cols.affines, cols.positive, cols.unstable, cols.z, strict=False):
+        zhat = affine(z)
+        z = np.where(positive, zhat, 0.0)
+        z[unst] = values[z_cols]
+        layers.append((zhat, z))
+    return values[cols.input], values[cols.zhat[-1]], tuple(layers)
 
 
 #: HiGHS memory per constraint non-zero of an eq. (19) model, with a 2x margin: measured on the

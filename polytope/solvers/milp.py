@@ -34,6 +34,7 @@ from polytope.solvers.highs import (
     batch_of_one,
     check_bounds,
     check_memory,
+    compose_affine,
     dual_bounds,
     extract,
     objective_vector,
@@ -100,7 +101,7 @@ class ExactMILP:
         self.model = HighsModel(options)
         self.cols = add_input(self.model, self.x[0].flatten().numpy(), input_set, self.x)
         for affine, (lo, up) in zip(affines[:-1], self.bounds, strict=True):
-            add_affine(self.model, self.cols, affine)
+            compose_affine(self.cols, affine)
             add_relu(self.model, self.cols, lo, up, exact=True)
         add_affine(self.model, self.cols, affines[-1])
         self.build_seconds = time.perf_counter() - start

@@ -74,22 +74,23 @@ def conv2d_matrix(op: Conv2dOp, in_shape: Shape) -> SparseAffine:
     p_h, p_w = m.padding
     weight = _numpy(m.weight)
 
-    o = np.arange(c_out).reshape(-1, 1, 1, 1, 1, 1)
-    c = np.arange(c_in).reshape(1, -1, 1, 1, 1, 1)
-    ky = np.arange(k_h).reshape(1, 1, -1, 1, 1, 1)
-    kx = np.arange(k_w).reshape(1, 1, 1, -1, 1, 1)
-    oy = np.arange(h_out).reshape(1, 1, 1, 1, -1, 1)
-    ox = np.arange(w_out).reshape(1, 1, 1, 1, 1, -1)
+    # Axes (o, oy, ox, c, ky, kx): entries come out row by row (row = (o, oy, ox)) with increasing
+    # columns (c, iy, ix) inside each row, so the CSR arrays are written directly (no sort).
+    oy = np.arange(h_out).reshape(1, -1, 1, 1, 1, 1)
+    ox = np.arange(w_out).reshape(1, 1, -1, 1, 1, 1)
+    c = np.arange(c_in).reshape(1, 1, 1, -1, 1, 1)
+    ky = np.arange(k_h).reshape(1, 1, 1, 1, -1, 1)
+    kx = np.arange(k_w).reshape(1, 1, 1, 1, 1, -1)
     iy = oy * s_h - p_h + ky
     ix = ox * s_w - p_w + kx
-    full = (c_out, c_in, k_h, k_w, h_out, w_out)
-    inside = np.broadcast_to((iy >= 0) & (iy < h_in) & (ix >= 0) & (ix < w_in), full)
-
-    rows = np.broadcast_to((o * h_out + oy) * w_out + ox, full)[inside]
-    cols = np.broadcast_to((c * h_in + iy) * w_in + ix, full)[inside]
-    vals = np.broadcast_to(weight[:, :, :, :, None, None], full)[inside]
-    keep = vals != 0
-    matrix = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(numel(out_shape), numel(in_shape)))
+    full = (c_out, h_out, w_out, c_in, k_h, k_w)
+    taps = weight[:, None, None]  # (o, 1, 1, c, ky, kx)
+    keep = np.broadcast_to((iy >= 0) & (iy < h_in) & (ix >= 0) & (ix < w_in), full) & (taps != 0)
+    cols = np.broadcast_to((c * h_in + iy) * w_in + ix, full)[keep]
+    vals = np.broadcast_to(taps, full)[keep]
+    indptr = np.zeros(numel(out_shape) + 1, dtype=np.int64)
+    np.cumsum(keep.reshape(numel(out_shape), -1).sum(axis=1), out=indptr[1:])
+    matrix = sp.csr_matrix((vals, cols, indptr), shape=(numel(out_shape), numel(in_shape)))
     bias = _numpy(m.bias)
     flat_bias = np.zeros(numel(out_shape)) if bias is None else np.repeat(bias, h_out * w_out)
     return SparseAffine(matrix, flat_bias, in_shape, out_shape)
@@ -131,13 +132,20 @@ def compose(outer: SparseAffine, inner: SparseAffine) -> SparseAffine:
 
 
 def layer_matrix(layer: AffineLayer, in_shape: Shape) -> SparseAffine:
-    """The whole :class:`AffineLayer` ``W_i z + b_i`` as one CSR matrix and bias."""
+    """The whole :class:`AffineLayer` ``W_i z + b_i`` as one CSR matrix and bias.
+
+    A flatten is the identity on C-order flattened tensors, so it only changes the shape.
+    """
     shapes = layer.shapes(tuple(in_shape))
     result: SparseAffine | None = None
     for op, shape in zip(layer.ops, shapes[:-1], strict=True):
+        if isinstance(op, FlattenOp):
+            continue
         step = op_matrix(op, shape)
         result = step if result is None else compose(step, result)
-    assert result is not None
+    if result is None:  # a layer of flattens only
+        result = flatten_matrix(FlattenOp(), tuple(in_shape))
+    result = SparseAffine(result.matrix, result.bias, tuple(in_shape), shapes[-1])
     result.matrix.sum_duplicates()
     result.matrix.sort_indices()
     return result
