@@ -3,7 +3,9 @@
 Rungs, cheapest first: ``attack`` (PGD inside the actual set; a hit, checked for membership
 and by a float64 forward pass, is a counterexample), ``dual`` (the paper's bound), ``adaptive``,
 ``optimized`` (all layers' slopes), ``lp`` (eq. 19 with the dual's layer bounds), ``lp-all`` (LP-tightened layer bounds)
-and ``milp`` (exact, big-M with HiGHS, stopped at the threshold 0).  A target ``j`` proven
+``bab`` (complete: branch and bound on the dual, :mod:`polytope.verify.bab`; input splitting for
+few inputs, else ReLU splitting; stops at the time limit) and ``milp`` (exact, big-M with HiGHS, stopped at
+the threshold 0: the cross-check, and the last word on what ``bab`` leaves open).  A target ``j`` proven
 (``f_y - f_j > 0`` over the ball) on one rung stays proven; an example is ``certified`` when
 all its targets are, ``not_robust`` when a verified counterexample exists, and otherwise
 ``timeout``/``undecided`` -- never guessed.
@@ -30,8 +32,9 @@ from polytope.solvers.highs import FlatBounds
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd_in_set
+from polytope.verify.bab import BaBOptions, verify_bab
 
-RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
+RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "bab", "milp")
 
 
 class CounterexampleError(PolytopeError, RuntimeError):
@@ -49,14 +52,18 @@ class Verdict:
     margins: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     counterexample: np.ndarray | None = None
+    domains: int = 0
+    depth: int = 0
 
     def row(self) -> dict[str, Any]:
-        """A flat table row: verdict, rung, each rung's worst-margin lower bound and seconds."""
+        """A flat table row: verdict, rung, each rung's worst-margin lower bound and seconds, and the ``bab``
+        rung's domains explored and depth reached (0 when it did not run)."""
         out: dict[str, Any] = {"index": self.index, "label": self.label, "verdict": self.verdict,
                                "rung": self.rung, "status": self.verdict}
         for rung in RUNGS:
             out[f"{rung}_margin"] = self.margins.get(rung, math.nan)
             out[f"{rung}_seconds"] = self.seconds.get(rung, 0.0)
+        out["bab_domains"], out["bab_depth"] = self.domains, self.depth
         out["seconds"] = sum(self.seconds.values())
         return out
 
@@ -123,6 +130,8 @@ class Cascade:
     attack_steps: int = 100
     milp_attack_restarts: int = 10
     milp_attack_min_unstable: int = 32
+    bab: BaBOptions = field(default_factory=BaBOptions)
+    """Settings of the ``bab`` rung; its time limit is ``time_limit`` (per example) when that is set."""
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rungs if r not in RUNGS]
@@ -146,6 +155,9 @@ class Cascade:
                 self._attack(x, y, verdicts, open_)
             elif rung in ("dual", "adaptive", "optimized"):
                 self._dual(rung, x, y, verdicts, open_, proven)
+            elif rung == "bab":
+                for k in open_:
+                    self._bab(x[k], verdicts[k], proven[k], self.input_set.subset(len(x), k))
             else:
                 for k in open_:
                     self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []),
@@ -212,6 +224,20 @@ class Cascade:
         v.seconds[rung] = v.seconds.get(rung, 0.0) + seconds
         if v.verdict == "undecided" and bool(proven.all()):
             v.verdict, v.rung = "certified", rung
+
+    def _bab(self, x: torch.Tensor, v: Verdict, proven: torch.Tensor, input_set: InputSet) -> None:
+        """Branch and bound on the open targets of one example: a proof, a verified counterexample, or open."""
+        options = self.bab if self.time_limit is None else replace(self.bab, time_limit=float(self.time_limit))
+        targets = (~proven).nonzero().flatten().tolist()
+        result = verify_bab(self.net, x, v.label, input_set, targets, options, index=v.index)
+        v.domains, v.depth = result.domains, result.depth
+        v.margins["bab"] = result.bound
+        v.seconds["bab"] = result.seconds
+        if result.status == "certified":
+            proven[:] = True
+            v.verdict, v.rung = "certified", "bab"
+        elif result.status == "not_robust":
+            v.verdict, v.rung, v.counterexample = "not_robust", "bab", result.counterexample
 
     def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
                 tightened: FlatBounds, input_set: InputSet) -> None:
