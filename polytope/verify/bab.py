@@ -9,7 +9,7 @@ Domains whose every target is proven are closed; the open domain with the lowest
 Everything runs in float64 (a float64 copy of the network, float64 inputs): ``certified`` means every
 leaf's margin bounds are ``> 0`` as computed in float64, the float policy's final word
 (docs/float_policy.md).  ``not_robust`` comes with a counterexample that passed the cascade's
-:func:`~polytope.verify.cascade.verified_point` (membership in the ORIGINAL set and a float64 forward
+:func:`~polytope.verify.points.verified_point` (membership in the ORIGINAL set and a float64 forward
 pass).  The search stops with ``timeout`` at the time limit and with ``unknown`` at the domain limit,
 when the domain queue would exceed its memory limit, or when a leaf can be split no further and is
 neither proven nor refuted -- never with a guess.
@@ -44,6 +44,7 @@ from polytope.model.errors import InvalidInputError, ShapeMismatchError, Unsuppo
 from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet, rows_dot
 from polytope.verify.attacks import pgd_in_set
+from polytope.verify.points import verified_point
 
 SPLITS = ("auto", "input", "relu")
 INPUT_BRANCHING = ("gradient", "widest")
@@ -96,7 +97,9 @@ class BaBOptions:
     :func:`input_scores`, :func:`relu_scores` for the signature).  ``time_limit`` (seconds),
     ``max_domains`` (domains bounded) and ``memory_limit`` (bytes of queued domains) stop the search;
     ``batch_size`` domains are split per step (twice as many bounded in one call); ``steps`` gradient
-    steps per bound, ``lr`` the step size of the slopes and the split multipliers.
+    steps per bound, ``lr`` the step size of the slopes and the split multipliers; ``root_steps`` steps of
+    :func:`~polytope.bounds.slopes.optimize_slopes` for the root's layer bounds (ReLU splitting);
+    ``attack_steps`` PGD steps at the root and in open sub-boxes (0: no PGD, candidates only).
     """
 
     split: str = "auto"
@@ -108,7 +111,7 @@ class BaBOptions:
     steps: int = 20
     lr: float = 0.1
     max_inputs: int = 20
-    root_steps: int = 20
+    root_steps: int = 10
     attack_steps: int = 20
 
     def __post_init__(self) -> None:
@@ -212,9 +215,6 @@ class _Search:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> BaBResult:
-        from polytope.verify.cascade import verified_point  # cascade imports this module
-
-        self._verified_point = verified_point
         point = self._root_attack()
         if point is not None:
             return self._result("not_robust", "the attack at the root found a counterexample", point)
@@ -284,7 +284,7 @@ class _Search:
         for k in torch.argsort(margins).tolist():
             if margins[k] > 0:
                 return None
-            point = self._verified_point(self.net64, self.x[0], points[k], self.label, self.input_set, self.index)
+            point = verified_point(self.net64, self.x[0], points[k], self.label, self.input_set, self.index)
             if point is not None:
                 return point
         return None
@@ -421,8 +421,9 @@ class _ReluSearch(_Search):
 
     def _root(self) -> list[tuple[_Domain | None, np.ndarray | None]]:
         c = self.c.unsqueeze(0)
+        # the root's layer bounds with optimised slopes (stopping once every target is proven: then one domain)
         _, slopes = optimize_slopes(self.net64, self.x, self.input_set, c, steps=self.options.root_steps,
-                                    lr=self.options.lr)
+                                    lr=self.options.lr, until_positive=True)
         with torch.no_grad():
             root = DualNetwork(self.net64, self.x, self.input_set, slopes=slopes.bounds)
         bounds = [(lo.flatten(1), up.flatten(1)) for lo, up in root.bounds]
