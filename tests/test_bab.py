@@ -274,3 +274,25 @@ def test_bad_label_is_refused() -> None:
     net = pt.Network.from_torch(build_fc(2, [3], 2, 0))
     with pytest.raises(InvalidInputError, match="distinct classes"):
         verify_bab(net, torch.zeros(2, dtype=DTYPE), 5, pt.LinfBall(0.1))
+
+
+def test_bab_rung_in_the_cascade_and_certify() -> None:
+    """``pt.certify(method="bab")`` and the cascade's rung give the MILP's verdicts; alone, a rung stopped by
+    its time limit reports ``timeout`` (never a verdict it does not have)."""
+    seq = build_fc(3, [8, 8], 3, 11)
+    net = pt.Network.from_torch(seq)
+    x = torch.rand(6, 3, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    y = seq(x).argmax(1)
+    input_set = pt.LinfBall(0.5)  # certified and not robust examples, most of them decided by branching
+    milp = Cascade(net, input_set, rungs=("milp",), time_limit=20).run(x, y, list(range(6)))
+    bab = Cascade(net, input_set, rungs=("dual", "bab")).run(x, y, list(range(6)))
+    assert [v.verdict for v in bab] == [v.verdict for v in milp]
+    assert pt.certify(net, x, input_set, y, method="bab").tolist() == [v.verdict == "certified" for v in milp]
+    assert all(v.rung in ("clean", "dual", "bab") for v in bab)
+    rows = [v.row() for v in bab]
+    assert all(r["bab_domains"] >= (1 if r["rung"] == "bab" else 0) for r in rows)
+    stopped = Cascade(net, input_set, rungs=("bab",), time_limit=1e-9,
+                      bab=BaBOptions(attack_steps=0, **WEAK)).run(x, y, list(range(6)))
+    for v, exact in zip(stopped, milp, strict=True):
+        assert v.verdict in ("timeout", exact.verdict)
+    assert {v.verdict for v in milp} == {"certified", "not_robust"} and any(v.verdict == "timeout" for v in stopped)

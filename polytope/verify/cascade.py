@@ -192,6 +192,8 @@ class Cascade:
             v.verdict, v.rung = "certified", "bab"
         elif result.status == "not_robust":
             v.verdict, v.rung, v.counterexample = "not_robust", "bab", result.counterexample
+        elif self.rungs[-1] == "bab":  # nothing after it: say why it stopped (the MILP would go on otherwise)
+            v.verdict, v.rung = ("timeout" if result.status == "timeout" else "undecided"), "bab"
 
     def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
                 tightened: FlatBounds, input_set: InputSet) -> None:
