@@ -297,3 +297,43 @@ def test_bab_rung_in_the_cascade_and_certify() -> None:
     for v, exact in zip(stopped, milp, strict=True):
         assert v.verdict in ("timeout", exact.verdict)
     assert {v.verdict for v in milp} == {"certified", "not_robust"} and any(v.verdict == "timeout" for v in stopped)
+
+
+@fast_no_shrink(15)
+@given(st.integers(1, 4), st.lists(st.integers(2, 6), min_size=1, max_size=3), seeds, st.floats(0.05, 0.6),
+       st.floats(0.2, 1.0))
+def test_split_domains_are_sound_at_every_point_they_contain(n_in: int, widths: list[int], seed: int, eps: float,
+                                                            fraction: float) -> None:
+    """Soundness on partly split domains: at every sampled point that satisfies a domain's splits, the re-derived
+    bounds contain its pre-activations, the domain is not called empty, and ``J(c, alpha, beta)`` for random
+    ``alpha in [0, 1]``, ``beta >= 0`` lies below its margin."""
+    seq = build_fc(n_in, widths, 2, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, n_in, generator=gen, dtype=DTYPE)
+    input_set = pt.LinfBall(eps)
+    net = pt.Network.from_torch(seq)
+    with torch.no_grad():
+        bounds = [(a.flatten(1), b.flatten(1)) for a, b in DualNetwork(net, x, input_set).bounds]
+    lo, hi = input_set.box(x)
+    points = lo + (hi - lo) * torch.rand(400, n_in, generator=gen, dtype=DTYPE)
+    with torch.no_grad():
+        pre = [p.flatten(1) for p in pre_activations(seq, points)]
+        margins = seq(points) @ margin_rows(0, [1], 2)[0]
+    # split a random part of the unstable units along the pattern of the first point
+    signs = [torch.where((a < 0) & (b > 0) & (torch.rand(a.shape, generator=gen) < fraction),
+                         torch.where(p[:1] > 0, 1, -1), 0).to(torch.int8)
+             for (a, b), p in zip(bounds, pre, strict=True)]
+    inside = torch.ones(len(points), dtype=torch.bool)
+    for s, p in zip(signs, pre, strict=True):
+        inside &= ((s.to(DTYPE) * p) >= 0).all(1)
+    dual = SplitDual(net, x, input_set, bounds, signs)
+    dual.rederive(0)
+    assert not bool(dual.empty[0])  # the first point lies in the domain
+    for (a, b), p in zip(dual.bounds, pre, strict=True):
+        assert bool(((a - 1e-9 <= p[inside]) & (p[inside] <= b + 1e-9)).all())
+    for _ in range(3):
+        alpha = [torch.rand(1, 1, a.shape[1], generator=gen, dtype=DTYPE) for a, _ in bounds]
+        beta = [2 * torch.rand(1, 1, a.shape[1], generator=gen, dtype=DTYPE) for a, _ in bounds]
+        with torch.no_grad():
+            j = float(dual.backward(margin_rows(0, [1], 2).unsqueeze(0), len(net.layers), alpha, beta).value)
+        assert j <= float(margins[inside].min()) + 1e-9
