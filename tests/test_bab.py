@@ -218,10 +218,10 @@ def test_fully_split_domain_bound_is_its_region_lp(n_in: int, widths: list[int],
         beta = [torch.rand(1, 1, a.shape[1], generator=gen, dtype=DTYPE) * 3 for a, _ in bounds]
         assert float(dual.backward(c.unsqueeze(0), depth, None, beta).value) <= lp + 1e-9
     # projected gradient ascent from beta = 0 gets there
-    adam = _ProjectedAdam([torch.zeros(1, 1, a.shape[1], dtype=DTYPE) for a, _ in bounds], 0.05,
+    adam = _ProjectedAdam([torch.zeros(1, 1, a.shape[1], dtype=DTYPE) for a, _ in bounds], 0.2,
                           upper=[math.inf] * len(bounds))
     best = -math.inf
-    for _ in range(400):
+    for _ in range(1000):
         leaves = adam.leaves()
         value = dual.backward(c.unsqueeze(0), depth, None, leaves).value.sum()
         best = max(best, float(value))
