@@ -23,6 +23,7 @@ from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBal
 from polytope.model.specs import margin_objective
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
+from polytope.verify.bab import BaBOptions, BaBResult, verify_bab
 from polytope.verify.robust import (
     certified_radius,
     certify,
@@ -33,6 +34,8 @@ from polytope.verify.robust import (
 from polytope.verify.tightness import tightness_rows
 
 __all__ = [
+    "BaBOptions",
+    "BaBResult",
     "BoxedLinfBall",
     "DatasetError",
     "DeviceError",
@@ -68,5 +71,6 @@ __all__ = [
     "optimize_slopes",
     "robust_loss",
     "tightness_rows",
+    "verify_bab",
     "worst_margin",
 ]

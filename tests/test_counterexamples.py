@@ -39,7 +39,7 @@ def _check_verdicts(case, rungs: tuple[str, ...], scale: float, random_labels: b
         if v.verdict != "not_robust":
             assert v.counterexample is None
             continue
-        assert v.rung in ("clean", "attack", "milp-attack", "milp")
+        assert v.rung in ("clean", "attack", "bab", "milp-attack", "milp")
         assert not bool(certified[v.index]), f"not_robust ({v.rung}) with a positive dual margin"
         point = torch.from_numpy(v.counterexample).to(torch.float64)
         assert point.shape == x[v.index].shape

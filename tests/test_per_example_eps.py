@@ -99,7 +99,7 @@ def _verdicts(net: pt.Network, x: torch.Tensor, y: torch.Tensor, input_set: pt.I
 
 
 @pytest.mark.parametrize("kind", ["linf", "linf-box", "l2", "l1"])
-@pytest.mark.parametrize("method", ["lp", "lp-all", "milp", "cascade"])
+@pytest.mark.parametrize("method", ["lp", "lp-all", "bab", "milp", "cascade"])
 def test_solver_methods_match_each_example_alone(kind: str, method: str) -> None:
     if kind == "l2" and method in SOLVER_RUNGS:
         pytest.skip("the LP and MILP have no l2 form")

@@ -149,7 +149,7 @@ def test_slopes_at_the_ends_of_the_interval_are_accepted() -> None:
 def test_unknown_options_name_their_choices() -> None:
     net, x = _fc(), _x()
     y = torch.tensor([0, 1])
-    with pytest.raises(pt.UnknownOptionError, match="'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'milp'"):
+    with pytest.raises(pt.UnknownOptionError, match="'dual', 'adaptive', 'optimized', 'lp', 'lp-all', 'bab', 'milp'"):
         pt.certify(net, x, pt.LinfBall(0.1), method="exact")
     with pytest.raises(pt.UnknownOptionError, match="'fixed', 'adaptive', 'optimized'"):
         pt.margin_bounds(net, x, y, pt.LinfBall(0.1), slopes="optimised")

@@ -20,14 +20,17 @@ from polytope.model.sets import InputSet
 
 
 class _ProjectedAdam:
-    """Adam on a list of per-example tensors ``(B, ...)``, projected to ``[0, 1]`` after each step.
+    """Adam on a list of per-example tensors ``(B, ...)``, projected to ``[0, upper]`` after each step.
 
-    Its state is per example too, so :meth:`keep` can drop finished examples from the batch.
+    ``upper``: one bound per tensor (default 1, the slopes' range; ``inf`` for the split multipliers of
+    :mod:`polytope.bounds.splits`).  Its state is per example too, so :meth:`keep` can drop finished
+    examples from the batch.
     """
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, upper: list[float] | None = None) -> None:
         self.params = [p.detach().clone() for p in params]
+        self.upper = [1.0] * len(params) if upper is None else list(upper)
         self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
@@ -40,11 +43,11 @@ class _ProjectedAdam:
         """One ascent step along ``grads`` (gradients of the objective to maximise)."""
         self.t += 1
         b1, b2 = self.betas
-        for p, m, v, g in zip(self.params, self.m, self.v, grads, strict=True):
+        for p, m, v, g, hi in zip(self.params, self.m, self.v, grads, self.upper, strict=True):
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             step = self.lr * (m / (1 - b1**self.t)) / ((v / (1 - b2**self.t)).sqrt() + self.eps)
-            p.add_(step).clamp_(0.0, 1.0)
+            p.add_(step).clamp_(0.0, hi)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Restrict the batch to ``rows`` (a boolean mask over the current examples)."""

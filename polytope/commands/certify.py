@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_device_arguments(parser)
     parser.add_argument("--method", default="dual", choices=("dual", "adaptive", "optimized", *SOLVER_METHODS),
                         help="dual: the paper's slopes alpha = u/(u-l); adaptive: 1 where u >= -l, else 0; "
-                             "optimized: all layers' slopes by gradient ascent; lp, lp-all, milp: exact solvers; "
+                             "optimized: all layers' slopes by gradient ascent; lp, lp-all: LP relaxations; "
+                             "bab: branch and bound on the dual (complete); milp: the exact MIP; "
                              "cascade: attack, then each rung in turn while undecided")
     parser.add_argument("--time-limit", type=common.positive_float, default=60.0,
                         help="seconds per LP/MIP solve (default: 60)")

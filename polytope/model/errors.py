@@ -70,3 +70,7 @@ class UnknownOptionError(PolytopeError, ValueError):
 
 class DeviceError(PolytopeError, ValueError):
     """A torch device name that is malformed or names a device this machine does not have."""
+
+
+class UnsupportedSetError(InvalidInputError):
+    """An input set that a method cannot handle (e.g. input splitting of an l2 or l1 ball)."""

@@ -24,10 +24,10 @@ from polytope.runs.runner import (
 from polytope.verify.cascade import RUNGS, Cascade, Verdict
 from polytope.verify.robust import certificate_margins, certified_radius
 
-SOLVER_METHODS = ("lp", "lp-all", "milp", "cascade")
+SOLVER_METHODS = ("lp", "lp-all", "bab", "milp", "cascade")
 #: Methods whose algorithm changed since their first stored results: the revision joins the run
 #: key, so old rows are never mixed with new ones (``optimized``: per-objective final slopes).
-REVISIONS = {"optimized": 2}
+REVISIONS = {"optimized": 2, "cascade": 2}  # cascade 2: the bab rung before the MILP
 
 
 def _save_counterexample(directory: str, verdict: Verdict) -> None:
@@ -39,7 +39,8 @@ def _save_counterexample(directory: str, verdict: Verdict) -> None:
 
 
 def cascade_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
-    """Rows of ``certify --method lp|lp-all|milp|cascade``: one verdict per example."""
+    """Rows of ``certify --method lp|lp-all|bab|milp|cascade``: one verdict per example (with the ``bab`` rung's
+    ``bab_domains``, ``bab_depth``, per-rung seconds and the deciding ``rung``)."""
     net = Network.from_torch(payload["model"])
     method = payload["method"]
     rungs = RUNGS if method == "cascade" else (method,)

@@ -3,7 +3,9 @@
 Rungs, cheapest first: ``attack`` (PGD inside the actual set; a hit, checked for membership
 and by a float64 forward pass, is a counterexample), ``dual`` (the paper's bound), ``adaptive``,
 ``optimized`` (all layers' slopes), ``lp`` (eq. 19 with the dual's layer bounds), ``lp-all`` (LP-tightened layer bounds)
-and ``milp`` (exact, big-M with HiGHS, stopped at the threshold 0).  A target ``j`` proven
+``bab`` (complete: branch and bound on the dual, :mod:`polytope.verify.bab`; input splitting for
+few inputs, else ReLU splitting; stops at the time limit) and ``milp`` (exact, big-M with HiGHS, stopped at
+the threshold 0: the cross-check, and the last word on what ``bab`` leaves open).  A target ``j`` proven
 (``f_y - f_j > 0`` over the ball) on one rung stays proven; an example is ``certified`` when
 all its targets are, ``not_robust`` when a verified counterexample exists, and otherwise
 ``timeout``/``undecided`` -- never guessed.
@@ -22,7 +24,7 @@ import torch
 from polytope.bounds.dual import DualNetwork
 from polytope.bounds.precision import settle_in_float64
 from polytope.bounds.slopes import optimize_slopes
-from polytope.model.errors import PolytopeError, SolverError, UnknownOptionError
+from polytope.model.errors import SolverError, UnknownOptionError
 from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet
 from polytope.model.specs import margin_objective, worst_of
@@ -30,12 +32,16 @@ from polytope.solvers.highs import FlatBounds
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd_in_set
+from polytope.verify.bab import BaBOptions, verify_bab
+from polytope.verify.points import (  # noqa: F401  (re-exported: the cascade's public names)
+    MEMBERSHIP_TOL,
+    PROJECTED_TOL,
+    CounterexampleError,
+    _margin64,
+    verified_point,
+)
 
-RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "milp")
-
-
-class CounterexampleError(PolytopeError, RuntimeError):
-    """A counterexample from an attack or the MILP outside the set, or not confirmed by a float64 forward pass."""
+RUNGS = ("attack", "dual", "adaptive", "optimized", "lp", "lp-all", "bab", "milp")
 
 
 @dataclass
@@ -49,65 +55,20 @@ class Verdict:
     margins: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     counterexample: np.ndarray | None = None
+    domains: int = 0
+    depth: int = 0
 
     def row(self) -> dict[str, Any]:
-        """A flat table row: verdict, rung, each rung's worst-margin lower bound and seconds."""
+        """A flat table row: verdict, rung, each rung's worst-margin lower bound and seconds, and the ``bab``
+        rung's domains explored and depth reached (0 when it did not run)."""
         out: dict[str, Any] = {"index": self.index, "label": self.label, "verdict": self.verdict,
                                "rung": self.rung, "status": self.verdict}
         for rung in RUNGS:
             out[f"{rung}_margin"] = self.margins.get(rung, math.nan)
             out[f"{rung}_seconds"] = self.seconds.get(rung, 0.0)
+        out["bab_domains"], out["bab_depth"] = self.domains, self.depth
         out["seconds"] = sum(self.seconds.values())
         return out
-
-
-def _margin64(net64: Network, point: torch.Tensor, label: int) -> float:
-    """``f_y - max_{j != y} f_j`` at ``point`` in float64 (<= 0: misclassified or tied)."""
-    with torch.no_grad():
-        f = net64.forward(point.reshape(1, *point.shape).double())[0]
-    others = torch.cat([f[:label], f[label + 1:]])
-    return float(f[label] - others.max())
-
-
-MEMBERSHIP_TOL = 1e-6
-"""Relative allowance for a counterexample just outside the set (see :func:`verified_point`)."""
-
-PROJECTED_TOL = 1e-12
-"""Relative allowance for a float64 point after the set's own projection (its rounding only)."""
-
-
-def _allowance(input_set: InputSet, x64: torch.Tensor, rel: float) -> torch.Tensor:
-    """``rel * (1 + ||x||_p + eps)``: a tolerance on ``||p - x||_p`` at the scale of the numbers involved."""
-    return rel * (1 + input_set.norm(x64) + input_set.radius(x64))
-
-
-def verified_point(net64: Network, x: torch.Tensor, point: torch.Tensor, label: int,
-                    input_set: InputSet, index: int, tol: float = MEMBERSHIP_TOL) -> np.ndarray | None:
-    """``point`` as a float64 counterexample in ``S(x)`` when it is misclassified there (margin ``<= 0``).
-
-    Membership is tested in float64 on the actual set (:meth:`InputSet.contains`: the l_p ball,
-    intersected with the domain box of :class:`~polytope.model.sets.BoxedLinfBall`).  A point farther
-    than ``r * (1 + ||x||_p + eps)`` outside, ``r = max(tol, n * machine-eps(point.dtype))`` for ``n``
-    inputs, raises :class:`CounterexampleError` (that allowance covers the rounding of a float32
-    attack's projection and a solver's feasibility tolerance; anything beyond is a bug, never a
-    verdict).  A point within it is projected with ``input_set.project`` in
-    float64 and must then lie in the set up to :data:`PROJECTED_TOL` (relative, as above).
-    Returns ``None`` when the projected point is not misclassified (a borderline attack); raises
-    when it is far from misclassified (a solver's point that does not reproduce).
-    """
-    x64 = x.detach().cpu().double().reshape(1, *x.shape)
-    p = point.detach().cpu().double().reshape(x64.shape)
-    rel = max(tol, x64.numel() * torch.finfo(point.dtype).eps) if point.is_floating_point() else tol
-    if not bool(input_set.contains(x64, p, _allowance(input_set, x64, rel))[0]):
-        outside = float(input_set.excess(x64, p)[0])
-        raise CounterexampleError(f"example {index}: the counterexample lies {outside:.3g} outside the input set")
-    p = input_set.project(x64, p)
-    if not bool(input_set.contains(x64, p, _allowance(input_set, x64, PROJECTED_TOL))[0]):
-        raise CounterexampleError(f"example {index}: the projected counterexample is not in the input set")
-    margin = _margin64(net64, p[0], label)
-    if margin > 1e-6:
-        raise CounterexampleError(f"example {index}: counterexample has margin {margin:.3g} > 0 in float64")
-    return p[0].numpy() if margin <= 0 else None
 
 
 @dataclass
@@ -123,6 +84,8 @@ class Cascade:
     attack_steps: int = 100
     milp_attack_restarts: int = 10
     milp_attack_min_unstable: int = 32
+    bab: BaBOptions = field(default_factory=BaBOptions)
+    """Settings of the ``bab`` rung; its time limit is ``time_limit`` (per example) when that is set."""
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rungs if r not in RUNGS]
@@ -146,6 +109,9 @@ class Cascade:
                 self._attack(x, y, verdicts, open_)
             elif rung in ("dual", "adaptive", "optimized"):
                 self._dual(rung, x, y, verdicts, open_, proven)
+            elif rung == "bab":
+                for k in open_:
+                    self._bab(x[k], verdicts[k], proven[k], self.input_set.subset(len(x), k))
             else:
                 for k in open_:
                     self._solver(rung, x[k], int(y[k]), verdicts[k], proven[k], tightened.setdefault(k, []),
@@ -212,6 +178,22 @@ class Cascade:
         v.seconds[rung] = v.seconds.get(rung, 0.0) + seconds
         if v.verdict == "undecided" and bool(proven.all()):
             v.verdict, v.rung = "certified", rung
+
+    def _bab(self, x: torch.Tensor, v: Verdict, proven: torch.Tensor, input_set: InputSet) -> None:
+        """Branch and bound on the open targets of one example: a proof, a verified counterexample, or open."""
+        options = self.bab if self.time_limit is None else replace(self.bab, time_limit=float(self.time_limit))
+        targets = (~proven).nonzero().flatten().tolist()
+        result = verify_bab(self.net, x, v.label, input_set, targets, options, index=v.index)
+        v.domains, v.depth = result.domains, result.depth
+        v.margins["bab"] = result.bound
+        v.seconds["bab"] = result.seconds
+        if result.status == "certified":
+            proven[:] = True
+            v.verdict, v.rung = "certified", "bab"
+        elif result.status == "not_robust":
+            v.verdict, v.rung, v.counterexample = "not_robust", "bab", result.counterexample
+        elif self.rungs[-1] == "bab":  # nothing after it: say why it stopped (the MILP would go on otherwise)
+            v.verdict, v.rung = ("timeout" if result.status == "timeout" else "undecided"), "bab"
 
     def _solver(self, rung: str, x: torch.Tensor, label: int, v: Verdict, proven: torch.Tensor,
                 tightened: FlatBounds, input_set: InputSet) -> None:

@@ -17,7 +17,7 @@ from polytope.model.network import Network
 from polytope.model.sets import InputSet, check_finite
 from polytope.model.specs import margin_objective, worst_of
 
-METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "milp", "cascade")
+METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "bab", "milp", "cascade")
 """The ``method`` choices of :func:`certify`."""
 
 MARGIN_CHUNK = 16
@@ -96,7 +96,8 @@ def certify(
 
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
     (:func:`polytope.bounds.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
-    ``"lp"``, ``"lp-all"``, ``"milp"`` (each alone) or ``"cascade"`` (all rungs, cheapest first;
+    ``"lp"``, ``"lp-all"``, ``"bab"`` (branch and bound, :mod:`polytope.verify.bab`), ``"milp"`` (each alone)
+    or ``"cascade"`` (all rungs, cheapest first;
     see :mod:`polytope.verify.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
 
     Float policy (``docs/float_policy.md``): a certificate never rests on lower-precision rounding.
@@ -108,7 +109,7 @@ def certify(
     """
     check_choice(method, METHODS, "method")
     y = _labels(net, x, y)
-    if method in ("lp", "lp-all", "milp", "cascade"):
+    if method in ("lp", "lp-all", "bab", "milp", "cascade"):
         from polytope.verify.cascade import RUNGS, Cascade
 
         rungs = RUNGS if method == "cascade" else (method,)
