@@ -19,7 +19,7 @@ from polytope.model.errors import (
     UnsupportedLayerError,
 )
 from polytope.model.network import Network, Normalize
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import Box, BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
 from polytope.model.specs import margin_objective
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
@@ -33,6 +33,7 @@ from polytope.verify.robust import (
 from polytope.verify.tightness import tightness_rows
 
 __all__ = [
+    "Box",
     "BoxedLinfBall",
     "DatasetError",
     "DeviceError",

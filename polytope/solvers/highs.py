@@ -25,7 +25,7 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.checks import check_objective
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, Shape, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import InputSet, L1Ball, L2Ball
 from polytope.solvers.sparse_ops import SparseAffine
 
 BoundsSpec = Literal["dual", "lp-all"] | Sequence[tuple[Any, Any]]
@@ -319,13 +319,13 @@ class NetworkColumns:
 
 
 def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.Tensor) -> NetworkColumns:
-    """``z_1`` in ``S(x)``: a box for l_inf sets; the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
+    """``z_1`` in ``S(x)``: a box for the box sets (``is_box``: l_inf, :class:`~polytope.model.sets.Box`); the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
     if isinstance(input_set, L2Ball):
         raise SolverError(
             "the l2 ball is not polyhedral, so eq. (19) over it is a second-order cone program, not an LP: "
             "use polytope.solvers.lp.RelaxedLPCvxpy (solved by Clarabel) for l2 sets"
         )
-    if not isinstance(input_set, LinfBall | BoxedLinfBall | L1Ball):
+    if not (input_set.is_box or isinstance(input_set, L1Ball)):
         raise SolverError(f"no LP form for input set {type(input_set).__name__}")
     lo, hi = input_set.box(x64)
     cols = NetworkColumns(model.add_cols(lo.flatten().numpy(), hi.flatten().numpy()))

@@ -44,7 +44,7 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.checks import check_choice
 from polytope.model.errors import ShapeMismatchError, SolverError
 from polytope.model.network import Network, Shape, as_float64, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import Box, BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
 from polytope.solvers.highs import (
     BoundsSpec,
     FlatBounds,
@@ -74,7 +74,7 @@ class RelaxedLP:
     Args:
         net: the network (any dtype; a float64 copy is used).
         x: one example, ``(*in_shape)`` or ``(1, *in_shape)``.
-        input_set: ``LinfBall``, ``BoxedLinfBall`` or ``L1Ball`` (``L2Ball`` raises
+        input_set: ``LinfBall``, ``BoxedLinfBall``, ``Box`` or ``L1Ball`` (``L2Ball`` raises
             :class:`SolverError`; see :class:`RelaxedLPCvxpy`).
         bounds: ``"dual"`` (Algorithm 1), ``"lp-all"`` (every layer's ``l, u`` re-derived by LPs
             over the relaxation of the earlier layers, itself built from the tightened bounds),
@@ -301,6 +301,10 @@ class RelaxedLPCvxpy:
             return [cp.norm(z - x_flat, 2) <= eps]
         if isinstance(input_set, L1Ball):
             return [cp.norm(z - x_flat, 1) <= eps]
+        if isinstance(input_set, Box):
+            lo_t = input_set.lo if input_set.lo.dim() == self.x.dim() - 1 else input_set.lo[0]
+            hi_t = input_set.hi if input_set.hi.dim() == self.x.dim() - 1 else input_set.hi[0]
+            return [z >= lo_t.double().flatten().numpy(), z <= hi_t.double().flatten().numpy()]
         if isinstance(input_set, BoxedLinfBall):
             lo = np.maximum(x_flat - eps, input_set.lo)
             hi = np.minimum(x_flat + eps, input_set.hi)
