@@ -312,7 +312,7 @@ def _bound_tensor(v: object, name: str) -> torch.Tensor:
             t = torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidInputError(f"Box {name} must be a tensor or an array of numbers: {exc}") from exc
-    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype.is_signed or t.dtype == torch.uint8):
+    if t.dtype == torch.bool or t.is_complex():
         raise InvalidInputError(f"Box {name} must hold real numbers, got {t.dtype}")
     if not t.is_floating_point():
         t = t.double()

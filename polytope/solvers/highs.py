@@ -319,7 +319,8 @@ class NetworkColumns:
 
 
 def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.Tensor) -> NetworkColumns:
-    """``z_1`` in ``S(x)``: a box for the box sets (``is_box``: l_inf, :class:`~polytope.model.sets.Box`); the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
+    """``z_1`` in ``S(x)``: a box for the box sets (``is_box``: l_inf, :class:`~polytope.model.sets.Box`);
+    the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
     if isinstance(input_set, L2Ball):
         raise SolverError(
             "the l2 ball is not polyhedral, so eq. (19) over it is a second-order cone program, not an LP: "
