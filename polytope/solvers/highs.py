@@ -394,6 +394,26 @@ def add_relu(
     return z
 
 
+def add_max_rows(model: HighsModel, cols: NetworkColumns, A: Any, b: Any) -> np.ndarray:
+    """A free column ``t`` and the rows ``A zhat_k - t <= b`` on the output columns ``cols.zhat[-1]``.
+
+    Minimising ``t`` then gives ``min max_i (A_i zhat_k - b_i)`` over the model (the joint objective of a
+    conjunction ``A y <= b``).  ``t`` is free and enters no other row, so the rows leave every other
+    objective's optimum unchanged.  Returns ``t``'s index (one element).
+    """
+    out = cols.zhat[-1]
+    A_np = np.atleast_2d(torch.as_tensor(A).detach().cpu().double().numpy())
+    b_np = torch.as_tensor(b).detach().cpu().double().flatten().numpy()
+    if A_np.ndim != 2 or A_np.shape[1] != out.size or A_np.shape[0] != b_np.size or b_np.size == 0:
+        raise ShapeMismatchError(f"A must be (k, {out.size}) and b (k,) with k >= 1, got {A_np.shape} and {b_np.shape}")
+    check_objective(A_np, "A")
+    check_objective(b_np, "b")
+    t = model.add_cols(np.array([-_INF]), np.array([_INF]))
+    k = b_np.size
+    model.add_rows(np.full(k, -_INF), b_np, [(out, sp.csr_matrix(A_np)), (t, sp.csr_matrix(-np.ones((k, 1))))])
+    return t
+
+
 def _selector(index: np.ndarray, n: int) -> sp.csr_matrix:
     """The ``(len(index), n)`` 0/1 matrix that picks entries ``index`` of a length-``n`` vector."""
     return sp.csr_matrix((np.ones(index.size), (np.arange(index.size), index)), shape=(index.size, n))

@@ -52,6 +52,7 @@ from polytope.solvers.highs import (
     LPResult,
     add_affine,
     add_input,
+    add_max_rows,
     add_relu,
     batch_of_one,
     check_bounds,
@@ -164,7 +165,17 @@ class RelaxedLP:
         """Minimise ``c^T zhat_k`` over eq. (19); ``c: (n_out,)``, finite."""
         c_np = objective_vector(c, self.n_out)
         warm = self.warm_start if warm_start is None else warm_start
-        self.model.set_objective(self.cols.zhat[-1], c_np)
+        return self._solve_cols(self.cols.zhat[-1], c_np, warm)
+
+    def solve_max(self, A: Any, b: Any) -> LPResult:
+        """Minimise ``max_i (A_i zhat_k - b_i)`` over eq. (19): a free ``t`` with ``A zhat_k - t <= b``
+        (:func:`~polytope.solvers.highs.add_max_rows`).  An optimal value ``> 0`` shows the conjunction
+        ``A y <= b`` unreachable from the relaxation (up to HiGHS's tolerances); ``value`` is that min-max."""
+        t = add_max_rows(self.model, self.cols, A, b)
+        return self._solve_cols(t, np.ones(1), warm=False)
+
+    def _solve_cols(self, cols: np.ndarray, costs: np.ndarray, warm: bool) -> LPResult:
+        self.model.set_objective(cols, costs)
         status, seconds, message = self.model.run(self.time_limit, warm)
         if status not in ("optimal", "infeasible", "time_limit") and warm:
             # A warm start that went astray: retry once from scratch before reporting.
