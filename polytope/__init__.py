@@ -13,6 +13,7 @@ from polytope.model.errors import (
     ModelFileError,
     ModelModeError,
     PolytopeError,
+    PropertyMismatchError,
     ShapeMismatchError,
     SolverError,
     UnknownOptionError,
@@ -23,6 +24,7 @@ from polytope.model.sets import Box, BoxedLinfBall, InputSet, L1Ball, L2Ball, Li
 from polytope.model.specs import margin_objective
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
+from polytope.verify.property import VerifyResult, verify
 from polytope.verify.robust import (
     certified_radius,
     certify,
@@ -54,12 +56,14 @@ __all__ = [
     "Normalize",
     "OptimizedSlopes",
     "PolytopeError",
+    "PropertyMismatchError",
     "Relaxation",
     "RelaxedLP",
     "ShapeMismatchError",
     "SolverError",
     "UnknownOptionError",
     "UnsupportedLayerError",
+    "VerifyResult",
     "certified_radius",
     "certify",
     "index_sets",
@@ -69,5 +73,6 @@ __all__ = [
     "optimize_slopes",
     "robust_loss",
     "tightness_rows",
+    "verify",
     "worst_margin",
 ]
