@@ -35,7 +35,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from polytope.bounds.conjunction import conjunction_bound, row_bounds
+from polytope.bounds.conjunction import conjunction_bound
+from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import PropertyMismatchError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, as_float64, numel
 from polytope.model.sets import Box
@@ -86,7 +87,7 @@ class VerifyResult:
     details: list[ConjunctionResult] = field(default_factory=list)
 
 
-_LADDER = ("attack", "dual", "adaptive", "optimized", "lp", "milp")
+_LADDER = ("dual", "attack", "adaptive", "optimized", "lp", "milp")
 
 
 class _Deadline:
@@ -191,10 +192,6 @@ class _Conjunction:
 
     def prove(self, method: str, deadline: _Deadline, milp_max_unstable: int) -> tuple[str, float, Any]:
         """One rung: ``("unsat" | "unknown" | "timeout" | "sat", bound, counterexample or None)``."""
-        if method in ("dual", "adaptive"):
-            bound = float(row_bounds(self.net64, self.x, self.box, self.A, self.b,
-                                     "fixed" if method == "dual" else "adaptive")[0])
-            return ("unsat" if bound > 0 else "unknown"), bound, None
         if method == "optimized":
             bound = float(conjunction_bound(self.net64, self.x, self.box, self.A, self.b).detach()[0])
             return ("unsat" if bound > 0 else "unknown"), bound, None
@@ -209,7 +206,7 @@ class _Conjunction:
 
     def _milp(self, deadline: _Deadline, max_unstable: int) -> tuple[str, float, Any]:
         try:
-            milp = ExactMILP(self.net64, self.x, self.box, bounds="lp-all", time_limit=max(deadline.left(), 0.01),
+            milp = ExactMILP(self.net64, self.x, self.box, time_limit=max(deadline.left(), 0.01),
                              max_unstable=max_unstable)
         except SolverError:
             return "unknown", math.nan, None
@@ -222,6 +219,55 @@ class _Conjunction:
             if cex is not None:
                 return "sat", math.nan, cex
         return ("timeout" if res.status == "time_limit" or deadline.passed() else "unknown"), res.bound, None
+
+
+def _case_row_bounds(jobs: list[_Conjunction], slopes: str) -> list[float]:
+    """``max_i (J(A_i) - b_i)`` of every conjunction of one case from one dual network (all rows at once)."""
+    first = jobs[0]
+    A = torch.cat([j.A for j in jobs])
+    b = torch.cat([j.b for j in jobs])
+    with torch.no_grad():
+        values = (DualNetwork(first.net64, first.x, first.box, slopes=slopes).objective(A.unsqueeze(0))[0] - b)
+    out, start = [], 0
+    for j in jobs:
+        out.append(float(values[start:start + j.A.shape[0]].max()))
+        start += j.A.shape[0]
+    return out
+
+
+def _case_attack(jobs: list[_Conjunction], steps: int, restarts: int) -> tuple[int, Counterexample] | None:
+    """PGD on every conjunction of one case at once (one batch row per conjunction, the same box; rows of
+    shorter conjunctions padded with ``0 <= big``, which never decides the max); the first that replays."""
+    n, k = len(jobs), max(j.A.shape[0] for j in jobs)
+    pad = float(max(float(j.b.abs().max()) for j in jobs)) + 1.0
+    A = torch.zeros(n, k, jobs[0].A.shape[1], dtype=torch.float64)
+    b = torch.full((n, k), -pad, dtype=torch.float64)  # padded rows: 0 - (-pad) ... made very negative below
+    for r, j in enumerate(jobs):
+        A[r, : j.A.shape[0]], b[r, : j.A.shape[0]] = j.A, j.b
+        b[r, j.A.shape[0]:] = pad * 1e6
+    net64, first = jobs[0].net64, jobs[0]
+    x0 = first.x.expand(n, *first.x.shape[1:]).clone()
+    box = Box(first.box.lo.expand(n, *first.box.lo.shape), first.box.hi.expand(n, *first.box.hi.shape), batched=True)
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return (torch.einsum("bko,bo->bk", A, net64.forward(z)) - b).amax(1)
+
+    def logits(z: torch.Tensor) -> torch.Tensor:  # cross-entropy of label 0 grows as the objective falls
+        s = -objective(z)
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+    step = float(box.radius(x0).max()) / 8
+    points = x0
+    if step > 0:
+        points = pgd_in_set(logits, x0, torch.zeros(n, dtype=torch.long), box, steps=steps, step_size=step,
+                            restarts=restarts, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        order = torch.argsort(objective(points)).tolist()
+    for r in order:
+        cex = jobs[r].check(points[r].flatten().numpy())
+        if cex is not None:
+            return r, cex
+    return None
 
 
 def _input_shape(net: Network, n_inputs: int, candidates: Sequence[tuple[int, ...] | None]) -> tuple[int, ...]:
@@ -259,8 +305,8 @@ def verify(
     timeout: float | None = 60.0,
     onnx_path: str | Path | None = None,
     in_shape: tuple[int, ...] | None = None,
-    attack_steps: int = 100,
-    attack_restarts: int = 5,
+    attack_steps: int = 50,
+    attack_restarts: int = 3,
     milp_max_unstable: int = 2000,
     log: Callable[[str], None] | None = None,
 ) -> VerifyResult:
@@ -286,18 +332,35 @@ def verify(
     def finish(status: Status, method: str, cex: Counterexample | None = None) -> VerifyResult:
         return VerifyResult(status, cex, time.perf_counter() - start, method, details)
 
-    for (ci, ji, job), d in zip(jobs, details, strict=True):  # cheapest first: attack everything
-        t0 = time.perf_counter()
-        cex = job.attack(attack_steps, attack_restarts)
-        d.seconds += time.perf_counter() - t0
-        if cex is not None:
-            d.status, d.method = "sat", "attack"
-            return finish("sat", "attack", Counterexample(cex.x, cex.y, ci, ji))
-        if deadline.passed():
-            return finish("timeout", "")
-    strongest, undecided = 0, False
+    for ci in range(len(prop.cases)):  # cheapest first, each case's conjunctions together
+        for method in ("dual", "attack", "adaptive"):
+            members = [(r, job) for r, (c, _, job) in enumerate(jobs) if c == ci and details[r].status == "unknown"]
+            if not members:
+                break
+            if deadline.passed():
+                return finish("timeout", method)
+            t0 = time.perf_counter()
+            if method == "attack":
+                found = _case_attack([job for _, job in members], attack_steps, attack_restarts)
+                if found is not None:
+                    r = members[found[0]][0]
+                    details[r].status, details[r].method = "sat", "attack"
+                    return finish("sat", "attack", Counterexample(found[1].x, found[1].y, ci, jobs[r][1]))
+                continue
+            bounds = _case_row_bounds([job for _, job in members], "fixed" if method == "dual" else "adaptive")
+            for (r, _), bound in zip(members, bounds, strict=True):
+                d = details[r]
+                d.bound = bound if math.isnan(d.bound) or bound > d.bound else d.bound
+                d.seconds += (time.perf_counter() - t0) / len(members)
+                say(f"case {ci} conjunction {d.conjunction}: {method} -> {'unsat' if bound > 0 else 'open'} "
+                    f"(bound {bound:.6g})")
+                if bound > 0:
+                    d.status, d.method = "unsat", method
+    strongest, undecided = max([_LADDER.index(d.method) for d in details if d.status == "unsat"], default=0), False
     for (ci, ji, job), d in zip(jobs, details, strict=True):
-        for rung, method in enumerate(_LADDER[1:], start=1):
+        if d.status == "unsat":
+            continue
+        for rung, method in enumerate(_LADDER[3:], start=3):
             if deadline.passed():
                 d.status = "timeout"
                 return finish("timeout", method)
