@@ -240,7 +240,9 @@ class _Importer:
         self._flush()
         order = self.view.ravel()
         in_order = np.array_equal(order, np.arange(order.size))
-        if not self.segments[-1] or not in_order:  # ends with a ReLU, or a layout change to undo
+        mixing = any(isinstance(piece, _Dense | _Conv) for seg in self.segments for piece in seg)
+        # ends with a ReLU, or a layout change to undo, or no matrix at all (polytope's layers need one)
+        if not self.segments[-1] or not in_order or not mixing:
             self._dense_on_view(np.eye(order.size), None, (order.size,))
         self._flatten_base()
         return int(order.size)
@@ -526,12 +528,11 @@ class _Importer:
     # -- ReLU and the layers ------------------------------------------------------------------
     def _op_Relu(self, node, attrs) -> np.ndarray:
         self._flush()
-        if not self.segments[-1]:
-            raise UnsupportedOperatorError(
-                f"node {node.name!r} (Relu) is not preceded by an affine operator (polytope needs W x + b first)"
-            )
+        view = self.view
+        if not self.segments[-1]:  # a ReLU on the input, or right after another: an exact identity layer first
+            view = self._dense_on_view(np.eye(self.view.size), None, self.view.shape)
         self.segments.append([])
-        return self.view
+        return view
 
     def _flush(self) -> None:
         """Fold the pending elementwise map into the layer's last piece, or make it a piece of its own."""
