@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,17 @@ def test_box_shape_mismatch_with_the_input() -> None:
     net = pt.Network.from_torch(build_fc(3, [4], 2, 0))
     with pytest.raises(pt.ShapeMismatchError):
         pt.DualNetwork(net, torch.zeros(1, 3, dtype=DTYPE), pt.Box(torch.zeros(4), torch.ones(4)))
+
+
+def test_box_float32_certify_follows_the_float_policy() -> None:
+    """A float32 network with a float64 Box: certify runs (its near-zero rows are recomputed in float64 through
+    ``Box.subset``) and never certifies what float64 does not."""
+    seq = build_fc(3, [6, 5], 3, 5)
+    box = _random_box((3,), 9, batch=4)
+    x = box.centre()
+    net64 = pt.Network.from_torch(seq)
+    net32 = pt.Network.from_torch(copy.deepcopy(seq).float())
+    y = net64.forward(x).argmax(1)
+    c32 = pt.certify(net32, x.float(), box, y)
+    c64 = pt.certify(net64, x, box, y)
+    assert bool((c32 <= c64).all())

@@ -239,12 +239,11 @@ def _case_attack(jobs: list[_Conjunction], steps: int, restarts: int) -> tuple[i
     """PGD on every conjunction of one case at once (one batch row per conjunction, the same box; rows of
     shorter conjunctions padded with ``0 <= big``, which never decides the max); the first that replays."""
     n, k = len(jobs), max(j.A.shape[0] for j in jobs)
-    pad = float(max(float(j.b.abs().max()) for j in jobs)) + 1.0
+    big = 1e6 * (1.0 + max(float(j.b.abs().max()) for j in jobs))
     A = torch.zeros(n, k, jobs[0].A.shape[1], dtype=torch.float64)
-    b = torch.full((n, k), -pad, dtype=torch.float64)  # padded rows: 0 - (-pad) ... made very negative below
+    b = torch.full((n, k), big, dtype=torch.float64)  # a padded row is 0 - big: never the max
     for r, j in enumerate(jobs):
         A[r, : j.A.shape[0]], b[r, : j.A.shape[0]] = j.A, j.b
-        b[r, j.A.shape[0]:] = pad * 1e6
     net64, first = jobs[0].net64, jobs[0]
     x0 = first.x.expand(n, *first.x.shape[1:]).clone()
     box = Box(first.box.lo.expand(n, *first.box.lo.shape), first.box.hi.expand(n, *first.box.hi.shape), batched=True)
