@@ -40,8 +40,6 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.errors import PropertyMismatchError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, as_float64, numel
 from polytope.model.sets import Box
-from polytope.solvers.lp import RelaxedLP
-from polytope.solvers.milp import ExactMILP
 from polytope.verify.attacks import pgd_in_set
 
 Status = Literal["unsat", "sat", "unknown", "timeout"]
@@ -196,6 +194,8 @@ class _Conjunction:
             bound = float(conjunction_bound(self.net64, self.x, self.box, self.A, self.b).detach()[0])
             return ("unsat" if bound > 0 else "unknown"), bound, None
         if method == "lp":
+            from polytope.solvers.lp import RelaxedLP  # the solvers (scipy, highspy) load only when needed
+
             res = RelaxedLP(self.net64, self.x, self.box, time_limit=max(deadline.left(), 0.01)).solve_max(
                 self.A, self.b)
             if res.status == "time_limit":
@@ -205,6 +205,8 @@ class _Conjunction:
         return self._milp(deadline, milp_max_unstable)
 
     def _milp(self, deadline: _Deadline, max_unstable: int) -> tuple[str, float, Any]:
+        from polytope.solvers.milp import ExactMILP
+
         try:
             milp = ExactMILP(self.net64, self.x, self.box, time_limit=max(deadline.left(), 0.01),
                              max_unstable=max_unstable)
