@@ -113,10 +113,27 @@ def test_few_ulp_margins_are_decided_in_float64(tmp_path: Path, ulps: int) -> No
 def test_a_counterexample_that_does_not_replay_is_never_sat(tmp_path: Path, monkeypatch) -> None:
     path = _export(_shift_net(0.5), 1, tmp_path / "shift.onnx")
     onx = read_onnx(path)
-    monkeypatch.setattr(vp._Replay, "__call__", lambda self, x: np.full(1, np.nan))
     prop = _prop([0.0], [1.0], [([[-1.0]], [-1.0])], 1)  # y >= 1: true at x >= 0.5
+    assert pt.verify(onx.network, prop, timeout=30, onnx_path=path, in_shape=onx.in_shape).status == "sat"
+    monkeypatch.setattr(vp, "_check_import", lambda *args: None)
+    monkeypatch.setattr(vp._Replay, "__call__", lambda self, x: np.full(1, np.nan))
     result = pt.verify(onx.network, prop, timeout=30, onnx_path=path, in_shape=onx.in_shape)
     assert result.status == "unknown"
+
+
+def test_an_import_that_disagrees_with_onnxruntime_is_refused(tmp_path: Path) -> None:
+    path = _export(_shift_net(0.5), 1, tmp_path / "shift.onnx")
+    wrong = read_onnx(_export(_shift_net(0.6), 1, tmp_path / "other.onnx"))  # not the file that is replayed
+    prop = _prop([0.0], [1.0], [([[-1.0]], [-2.0])], 1)
+    with pytest.raises(pt.ModelFileError, match="differs from onnxruntime"):
+        pt.verify(wrong.network, prop, timeout=30, onnx_path=path, in_shape=wrong.in_shape)
+
+
+def test_a_boundary_touch_is_never_unsat() -> None:
+    """y = relu(x) + 0.5 reaches 1.5 exactly at x = 1: ``y >= 1.5`` is sat (the closure), never unsat."""
+    net = pt.Network.from_torch(_shift_net(0.5).double())
+    result = pt.verify(net, _prop([0.0], [1.0], [([[-1.0]], [-1.5])], 1), timeout=30)
+    assert result.status == "sat" and result.counterexample.y[0] >= 1.5
 
 
 def test_timeout_and_mismatch_errors() -> None:

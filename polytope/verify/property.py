@@ -10,9 +10,15 @@ each with the time left.
 
 Float policy: everything runs in float64 (the network is converted with
 :func:`~polytope.model.network.as_float64`), whatever the network's dtype; a bound proves a conjunction
-unreachable only when it is positive (``> 0`` for the dual bounds, which are exact up to float64
-rounding of terms far larger than the margins that matter; ``> SOLVER_MARGIN`` for the LP and the MILP,
-whose values are trusted up to HiGHS's tolerances), never from a NaN or a non-optimal status.
+unreachable only when it clears a margin above 0: for the dual bounds the float64 rounding band
+``ROUNDING_SAFETY * eps64 * (max_i ||A_i||_1 a_L + max |b|)`` (``a_L`` the magnitude bound of
+:mod:`polytope.bounds.precision`), for the LP and the MILP ``SOLVER_MARGIN`` times ``1 + `` the size of
+``A f - b`` at the box centre (their values are trusted only up to HiGHS's tolerances); never from a NaN
+or a non-optimal status.  A property touched at its boundary (``min max = 0``, e.g. ``y >= 1.5`` where
+``f`` reaches exactly 1.5) is so never ``unsat``.
+
+When ``onnx_path`` is given, the imported network is first compared with onnxruntime at the centre of
+every box; a disagreement (an import bug) stops with :class:`~polytope.model.errors.ModelFileError`.
 
 A counterexample is reported only after it is checked: its coordinates are rounded to values of the
 network's input dtype that lie inside ``[lo, hi]``, and ``A y <= b`` must hold for every row (no
@@ -37,7 +43,8 @@ import torch
 
 from polytope.bounds.conjunction import conjunction_bound
 from polytope.bounds.dual import DualNetwork
-from polytope.model.errors import PropertyMismatchError, ShapeMismatchError, SolverError
+from polytope.bounds.precision import ROUNDING_SAFETY, magnitude_bound
+from polytope.model.errors import ModelFileError, PropertyMismatchError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, as_float64, numel
 from polytope.model.sets import Box
 from polytope.verify.attacks import pgd_in_set
@@ -144,6 +151,12 @@ class _Conjunction:
         self.A = torch.as_tensor(np.asarray(A, np.float64))
         self.b = torch.as_tensor(np.asarray(b, np.float64))
         self.replay, self.dtype = replay, dtype
+        with torch.no_grad():
+            a_l = float(magnitude_bound(net64, self.x, self.box)[0])
+            at_centre = float((net64.forward(self.x)[0] @ self.A.T - self.b).abs().max())
+        scale = float(self.A.abs().sum(1).max()) * a_l + float(self.b.abs().max())
+        self.dual_margin = ROUNDING_SAFETY * float(np.finfo(np.float64).eps) * scale
+        self.solver_margin = SOLVER_MARGIN * (1.0 + at_centre)
 
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         """``max_i (A_i f(z) - b_i)`` per point of a batch ``z``."""
@@ -192,7 +205,7 @@ class _Conjunction:
         """One rung: ``("unsat" | "unknown" | "timeout" | "sat", bound, counterexample or None)``."""
         if method == "optimized":
             bound = float(conjunction_bound(self.net64, self.x, self.box, self.A, self.b).detach()[0])
-            return ("unsat" if bound > 0 else "unknown"), bound, None
+            return ("unsat" if bound > self.dual_margin else "unknown"), bound, None
         if method == "lp":
             from polytope.solvers.lp import RelaxedLP  # the solvers (scipy, highspy) load only when needed
 
@@ -200,7 +213,7 @@ class _Conjunction:
                 self.A, self.b)
             if res.status == "time_limit":
                 return "timeout", math.nan, None
-            ok = res.status == "optimal" and res.value > SOLVER_MARGIN
+            ok = res.status == "optimal" and res.value > self.solver_margin
             return ("unsat" if ok else "unknown"), res.value, None
         return self._milp(deadline, milp_max_unstable)
 
@@ -213,8 +226,8 @@ class _Conjunction:
         except SolverError:
             return "unknown", math.nan, None
         milp.time_limit = max(deadline.left(), 0.01)
-        res = milp.solve_max(self.A, self.b, cutoff=SOLVER_MARGIN)
-        if res.status == "cutoff" and res.bound >= SOLVER_MARGIN:
+        res = milp.solve_max(self.A, self.b, cutoff=self.solver_margin)
+        if res.status == "cutoff" and res.bound >= self.solver_margin:
             return "unsat", res.bound, None
         if res.z_in is not None:
             cex = self.check(res.z_in)
@@ -269,6 +282,26 @@ def _case_attack(jobs: list[_Conjunction], steps: int, restarts: int) -> tuple[i
         if cex is not None:
             return r, cex
     return None
+
+
+#: How far the imported network may differ from onnxruntime at a box centre (float32 against float64).
+IMPORT_RTOL, IMPORT_ATOL = 1e-3, 1e-4
+
+
+def _check_import(net64: Network, replay: _Replay, prop: Any, shape: tuple[int, ...]) -> None:
+    """The imported network against onnxruntime at the centre of every box (:class:`ModelFileError` if not)."""
+    for ci, case in enumerate(prop.cases):
+        x = _in_dtype((np.asarray(case.lo, np.float64) + np.asarray(case.hi, np.float64)) / 2, case.lo, case.hi,
+                      replay.dtype)
+        if x is None:
+            continue
+        with torch.no_grad():
+            ours = net64.forward(torch.from_numpy(x).reshape(1, *shape))[0].numpy()
+        theirs = replay(x)
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=IMPORT_RTOL, atol=IMPORT_ATOL):
+            worst = float(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else math.inf
+            raise ModelFileError(f"the imported network differs from onnxruntime at the centre of box {ci} "
+                                 f"(largest difference {worst:.3g}): refusing to verify it")
 
 
 def _input_shape(net: Network, n_inputs: int, candidates: Sequence[tuple[int, ...] | None]) -> tuple[int, ...]:
@@ -329,6 +362,8 @@ def verify(
     jobs = [(ci, ji, _Conjunction(net64, shape, case.lo, case.hi, hs.A, hs.b, replay, dtype))
             for ci, case in enumerate(prop.cases) for ji, hs in enumerate(case.unsafe)]
     details = [ConjunctionResult(ci, ji) for ci, ji, _ in jobs]
+    if replay is not None:
+        _check_import(net64, replay, prop, shape)
 
     def finish(status: Status, method: str, cex: Counterexample | None = None) -> VerifyResult:
         return VerifyResult(status, cex, time.perf_counter() - start, method, details)
@@ -349,13 +384,14 @@ def verify(
                     return finish("sat", "attack", Counterexample(found[1].x, found[1].y, ci, jobs[r][1]))
                 continue
             bounds = _case_row_bounds([job for _, job in members], "fixed" if method == "dual" else "adaptive")
-            for (r, _), bound in zip(members, bounds, strict=True):
+            for (r, job), bound in zip(members, bounds, strict=True):
                 d = details[r]
+                proven = bound > job.dual_margin
                 d.bound = bound if math.isnan(d.bound) or bound > d.bound else d.bound
                 d.seconds += (time.perf_counter() - t0) / len(members)
-                say(f"case {ci} conjunction {d.conjunction}: {method} -> {'unsat' if bound > 0 else 'open'} "
+                say(f"case {ci} conjunction {d.conjunction}: {method} -> {'unsat' if proven else 'open'} "
                     f"(bound {bound:.6g})")
-                if bound > 0:
+                if proven:
                     d.status, d.method = "unsat", method
     strongest, undecided = max([_LADDER.index(d.method) for d in details if d.status == "unsat"], default=0), False
     for (ci, ji, job), d in zip(jobs, details, strict=True):
