@@ -341,6 +341,8 @@ def test_relu_first_and_matrix_free_graphs_import_exactly(tmp_path):
     add = _graph([helper.make_node("Add", ["x", "c"], ["y"])], [1, 3], [1, 3],
                  [("c", [1.0, -1.0, 0.5])])
     _check_against_ort(_save(add, tmp_path, "add.onnx"))
+    neg = _graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], [1, 3], [1, 3])
+    _check_against_ort(_save(neg, tmp_path, "neg.onnx"))
 
 
 def test_non_finite_weights_and_division_by_zero(tmp_path):

@@ -39,11 +39,11 @@ DENSE_LIMIT = 1 << 26
 #: Operators applied to the network's value (constant subgraphs may also use :data:`CONSTANT_OPS`).
 CHAIN_OPS = (
     "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "Relu", "Flatten", "Reshape", "Transpose",
-    "BatchNormalization", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Cast",
+    "BatchNormalization", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Cast", "Neg",
 )
 CONSTANT_OPS = (
     "Constant", "Shape", "Gather", "Concat", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity",
-    "Slice", "Add", "Sub", "Mul", "Div", "Flatten", "Transpose",
+    "Slice", "Add", "Sub", "Mul", "Div", "Flatten", "Transpose", "Neg",
 )
 SUPPORTED_OPS = tuple(sorted(set(CHAIN_OPS) | set(CONSTANT_OPS)))
 
@@ -371,6 +371,9 @@ class _Importer:
     def _op_Sub(self, node, attrs) -> np.ndarray:
         c = self._other(node)
         return self._elementwise(node, 1.0, -c) if node.input[0] == self.current else self._elementwise(node, -1.0, c)
+
+    def _op_Neg(self, node, attrs) -> np.ndarray:
+        return self._elementwise(node, -1.0, 0.0)
 
     def _op_Mul(self, node, attrs) -> np.ndarray:
         return self._elementwise(node, self._other(node), 0.0)
@@ -705,6 +708,8 @@ def _fold_op(node, attrs: dict, args: list) -> np.ndarray:
         return x.transpose(attrs.get("perm", list(reversed(range(x.ndim)))))
     if op == "Slice":
         return _fold_slice(x, attrs, args)
+    if op == "Neg":
+        return -x
     y = args[1]
     if op == "Div" and np.issubdtype(x.dtype, np.integer):
         return np.trunc(x / y).astype(x.dtype)
