@@ -144,3 +144,25 @@ def test_timeout_and_mismatch_errors() -> None:
         pt.verify(net, _prop([0.0], [1.0], [([[1.0, 0.0]], [0.0])], 2))
     with pytest.raises(pt.PropertyMismatchError):
         pt.verify(net, _prop([0.0, 0.0], [1.0, 1.0], [([[1.0, 0.0, 0.0]], [0.0])], 3))
+
+
+def test_the_milp_rung_finds_and_checks_counterexamples() -> None:
+    """With the attack all but off, the MILP's points (checked in float64) decide the sat instances."""
+    methods = []
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        net = pt.Network.from_torch(build_fc(2, [6, 5], 3, seed))
+        lo = torch.rand(2, generator=g, dtype=DTYPE) - 0.5
+        hi = lo + 0.2 + 0.5 * torch.rand(2, generator=g, dtype=DTYPE)
+        A = torch.randn(2, 3, generator=g, dtype=DTYPE)
+        with torch.no_grad():
+            b = A @ net.forward(((lo + hi) / 2).reshape(1, 2))[0] - 0.3 * torch.rand(2, generator=g, dtype=DTYPE)
+        box = pt.Box(lo, hi)
+        exact = pt.ExactMILP(net, box.centre(), box).solve_max(A, b).value
+        result = pt.verify(net, _prop(lo.numpy(), hi.numpy(), [(A.numpy(), b.numpy())], 3), timeout=30,
+                           attack_steps=1, attack_restarts=1)
+        assert result.status == ("sat" if exact < 0 else "unsat"), (seed, exact)
+        methods.append(result.method)
+        if result.status == "sat":
+            assert np.all(A.numpy() @ result.counterexample.y <= b.numpy())
+    assert "milp" in methods

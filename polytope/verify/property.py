@@ -229,8 +229,13 @@ class _Conjunction:
         res = milp.solve_max(self.A, self.b, cutoff=self.solver_margin)
         if res.status == "cutoff" and res.bound >= self.solver_margin:
             return "unsat", res.bound, None
+        if res.status == "target" and not deadline.passed():
+            # the first point below the cutoff may sit in (0, margin]: ask for one a margin deep instead
+            milp.time_limit = max(deadline.left(), 0.01)
+            deeper = milp.solve_max(self.A, self.b, cutoff=-self.solver_margin)
+            res = deeper if deeper.z_in is not None else res
         if res.z_in is not None:
-            cex = self.check(res.z_in)
+            cex = self.check(res.z_in) or self.attack(50, 1, np.asarray(res.z_in, np.float64), deepen=False)
             if cex is not None:
                 return "sat", math.nan, cex
         return ("timeout" if res.status == "time_limit" or deadline.passed() else "unknown"), res.bound, None
