@@ -345,6 +345,17 @@ def test_relu_first_and_matrix_free_graphs_import_exactly(tmp_path):
     _check_against_ort(_save(neg, tmp_path, "neg.onnx"))
 
 
+def test_slice_and_gather_on_the_value(tmp_path):
+    """Selections of the network's value (a dense layer picks the elements), before and after a ReLU."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
+             helper.make_node("Slice", ["a", "starts", "ends", "axes", "steps"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Gather", ["r", "idx"], ["y"], axis=1)]
+    inits = [("w", _rand(6, 4)), ("starts", np.array([5], np.int64)), ("ends", np.array([-100], np.int64)),
+             ("axes", np.array([1], np.int64)), ("steps", np.array([-2], np.int64)), ("idx", np.array([2, 0, -1, 0]))]
+    _check_against_ort(_save(_graph(nodes, [1, 4], [1, 4], inits), tmp_path))
+
+
 def test_non_finite_weights_and_division_by_zero(tmp_path):
     nodes = [helper.make_node("Div", ["x", "zero"], ["a"], name="div0"),
              helper.make_node("MatMul", ["a", "W"], ["y"], name="mm")]
