@@ -14,7 +14,7 @@ import polytope as pt
 from polytope.bounds.layerwise import layerwise_bounds
 from polytope.bounds.slopes import optimize_slopes
 from polytope.verify.attacks import pgd_in_set
-from tests.strategies import build_conv, build_fc, fast
+from tests.strategies import ConvSpec, build_conv, build_fc, fast
 
 DTYPE = torch.float64
 seeds = st.integers(0, 2**31 - 1)
@@ -31,14 +31,8 @@ def _random_box(shape: tuple[int, ...], seed: int, batch: int | None = None) -> 
 def _nets(seed: int):
     return [
         (pt.Network.from_torch(build_fc(4, [8, 6], 3, seed)), (4,)),
-        (pt.Network.from_torch(build_conv((1, 5, 5), [pt_spec()], [6], 3, seed)), (1, 5, 5)),
+        (pt.Network.from_torch(build_conv((1, 5, 5), [ConvSpec(3, 3, 1, 1, True)], [6], 3, seed)), (1, 5, 5)),
     ]
-
-
-def pt_spec():
-    from tests.strategies import ConvSpec
-
-    return ConvSpec(3, 3, 1, 1, True)
 
 
 @fast(6)
