@@ -149,3 +149,16 @@ def test_box_float32_certify_follows_the_float_policy() -> None:
     c32 = pt.certify(net32, x.float(), box, y)
     c64 = pt.certify(net64, x, box, y)
     assert bool((c32 <= c64).all())
+
+
+def test_box_polygons() -> None:
+    """The enumerated polytope of a 2-D Box lies inside the dual polygon (a planar 2 -> 2 network)."""
+    from polytope.solvers.polygons import distance_to_polygon, dual_polygon, true_polytope
+
+    net = pt.Network.from_torch(build_fc(2, [8], 2, 4))
+    box = pt.Box(torch.tensor([-0.3, 0.1], dtype=DTYPE), torch.tensor([0.2, 0.4], dtype=DTYPE))
+    x = box.centre()
+    true = true_polytope(net, x, box, n_side=21, n_boundary=20)
+    outer = dual_polygon(net, x, box, k=16).outer
+    assert float(distance_to_polygon(true.grid_image, outer).max()) <= 1e-9
+    assert np.allclose(true.input_box, [[-0.3, 0.1], [0.2, 0.4]])
