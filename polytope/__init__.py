@@ -53,20 +53,8 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def _verify(*args: Any, **kwargs: Any) -> Any:
-    """:func:`polytope.verify.property.verify` (decide a VNN-LIB property); imported on the first call.
-
-    A function here, not a lazy name: ``polytope.verify`` is also the name of a subpackage, and importing
-    the subpackage (which :mod:`polytope.verify` now is, loaded below) would otherwise rebind it.
-    """
-    from polytope.verify.property import verify as run
-
-    return run(*args, **kwargs)
-
-
-_verify.__name__ = _verify.__qualname__ = "verify"
-importlib.import_module("polytope.verify")  # the subpackage first: loading it binds ``polytope.verify`` ...
-verify = _verify  # ... which this then rebinds, for good, to the function
+verify = importlib.import_module("polytope.verify")
+"""The subpackage, callable: ``polytope.verify(net, prop, ...)`` is :func:`polytope.verify.property.verify`."""
 
 
 def __getattr__(name: str) -> Any:
