@@ -1,41 +1,82 @@
-"""polytope: provable robustness of ReLU networks by linear programming (Wong & Kolter 2018)."""
+"""polytope: provable robustness of ReLU networks by linear programming (Wong & Kolter 2018).
 
-from polytope.bounds.alpha import optimize_alpha
-from polytope.bounds.dual import DualNetwork, IndexSets, Relaxation, index_sets
-from polytope.bounds.slopes import OptimizedSlopes, optimize_slopes
-from polytope.model.errors import (
-    DatasetError,
-    DeviceError,
-    InvalidEpsilonError,
-    InvalidInputError,
-    InvalidObjectiveError,
-    InvalidSlopesError,
-    ModelFileError,
-    ModelModeError,
-    PolytopeError,
-    ShapeMismatchError,
-    SolverError,
-    UnknownOptionError,
-    UnsupportedLayerError,
-)
-from polytope.model.network import Network, Normalize
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
-from polytope.model.specs import margin_objective
-from polytope.solvers.lp import RelaxedLP
-from polytope.solvers.milp import ExactMILP
-from polytope.verify.bab import BaBOptions, BaBResult, verify_bab
-from polytope.verify.robust import (
-    certified_radius,
-    certify,
-    margin_bounds,
-    robust_loss,
-    worst_margin,
-)
-from polytope.verify.tightness import tightness_rows
+The public names load on first use (PEP 562), so ``python -m polytope verify`` and ``supports`` start
+without importing the solvers, pandas or the training code they do not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Where each public name lives.
+_EXPORTS: dict[str, str] = {
+    "BaBOptions": "polytope.verify.bab",
+    "BaBResult": "polytope.verify.bab",
+    "Box": "polytope.model.sets",
+    "BoxedLinfBall": "polytope.model.sets",
+    "DatasetError": "polytope.model.errors",
+    "DeviceError": "polytope.model.errors",
+    "DualNetwork": "polytope.bounds.dual",
+    "ExactMILP": "polytope.solvers.milp",
+    "IndexSets": "polytope.bounds.dual",
+    "InputSet": "polytope.model.sets",
+    "InvalidEpsilonError": "polytope.model.errors",
+    "InvalidInputError": "polytope.model.errors",
+    "InvalidObjectiveError": "polytope.model.errors",
+    "InvalidSlopesError": "polytope.model.errors",
+    "L1Ball": "polytope.model.sets",
+    "L2Ball": "polytope.model.sets",
+    "LinfBall": "polytope.model.sets",
+    "ModelFileError": "polytope.model.errors",
+    "ModelModeError": "polytope.model.errors",
+    "Network": "polytope.model.network",
+    "Normalize": "polytope.model.network",
+    "OptimizedSlopes": "polytope.bounds.slopes",
+    "PolytopeError": "polytope.model.errors",
+    "PropertyMismatchError": "polytope.model.errors",
+    "Relaxation": "polytope.bounds.dual",
+    "RelaxedLP": "polytope.solvers.lp",
+    "ShapeMismatchError": "polytope.model.errors",
+    "SolverError": "polytope.model.errors",
+    "UnknownOptionError": "polytope.model.errors",
+    "UnsupportedLayerError": "polytope.model.errors",
+    "VerifyResult": "polytope.verify.property",
+    "certified_radius": "polytope.verify.robust",
+    "certify": "polytope.verify.robust",
+    "index_sets": "polytope.bounds.dual",
+    "margin_bounds": "polytope.verify.robust",
+    "margin_objective": "polytope.model.specs",
+    "optimize_alpha": "polytope.bounds.alpha",
+    "optimize_slopes": "polytope.bounds.slopes",
+    "robust_loss": "polytope.verify.robust",
+    "tightness_rows": "polytope.verify.tightness",
+    "verify_bab": "polytope.verify.bab",
+    "worst_margin": "polytope.verify.robust",
+}
+
+
+verify = importlib.import_module("polytope.verify")
+"""The subpackage, callable: ``polytope.verify(net, prop, ...)`` is :func:`polytope.verify.property.verify`."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'polytope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "BaBOptions",
     "BaBResult",
+    "Box",
     "BoxedLinfBall",
     "DatasetError",
     "DeviceError",
@@ -56,12 +97,14 @@ __all__ = [
     "Normalize",
     "OptimizedSlopes",
     "PolytopeError",
+    "PropertyMismatchError",
     "Relaxation",
     "RelaxedLP",
     "ShapeMismatchError",
     "SolverError",
     "UnknownOptionError",
     "UnsupportedLayerError",
+    "VerifyResult",
     "certified_radius",
     "certify",
     "index_sets",
@@ -71,6 +114,7 @@ __all__ = [
     "optimize_slopes",
     "robust_loss",
     "tightness_rows",
+    "verify",
     "verify_bab",
     "worst_margin",
 ]

@@ -332,9 +332,28 @@ def test_dynamic_shapes_are_refused(tmp_path):
         load_onnx(_save(two_inputs, tmp_path, "two.onnx"))
 
 
-def test_relu_first_is_named(tmp_path):
-    with pytest.raises(UnsupportedOperatorError, match=r"'relu0' \(Relu\)"):
-        load_onnx(_save(_graph([helper.make_node("Relu", ["x"], ["y"], name="relu0")], [1, 3], [1, 3]), tmp_path))
+def test_relu_first_and_matrix_free_graphs_import_exactly(tmp_path):
+    """A ReLU on the input (an exact identity layer goes first) and a graph of elementwise maps only."""
+    relu = _graph([helper.make_node("Relu", ["x"], ["y"], name="relu0")], [1, 3], [1, 3])
+    _check_against_ort(_save(relu, tmp_path, "relu.onnx"))
+    two = _graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], [1, 3], [1, 3])
+    _check_against_ort(_save(two, tmp_path, "two.onnx"))
+    add = _graph([helper.make_node("Add", ["x", "c"], ["y"])], [1, 3], [1, 3],
+                 [("c", [1.0, -1.0, 0.5])])
+    _check_against_ort(_save(add, tmp_path, "add.onnx"))
+    neg = _graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], [1, 3], [1, 3])
+    _check_against_ort(_save(neg, tmp_path, "neg.onnx"))
+
+
+def test_slice_and_gather_on_the_value(tmp_path):
+    """Selections of the network's value (a dense layer picks the elements), before and after a ReLU."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
+             helper.make_node("Slice", ["a", "starts", "ends", "axes", "steps"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Gather", ["r", "idx"], ["y"], axis=1)]
+    inits = [("w", _rand(6, 4)), ("starts", np.array([5], np.int64)), ("ends", np.array([-100], np.int64)),
+             ("axes", np.array([1], np.int64)), ("steps", np.array([-2], np.int64)), ("idx", np.array([2, 0, -1, 0]))]
+    _check_against_ort(_save(_graph(nodes, [1, 4], [1, 4], inits), tmp_path))
 
 
 def test_non_finite_weights_and_division_by_zero(tmp_path):

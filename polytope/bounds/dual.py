@@ -48,7 +48,7 @@ from polytope.bounds.patches import (
 from polytope.model.checks import check_choice, check_objective, check_slopes
 from polytope.model.errors import ShapeMismatchError, UnknownOptionError
 from polytope.model.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall, rows_dot
+from polytope.model.sets import InputSet, rows_dot
 
 Slopes = Literal["fixed", "adaptive", "optimized"]
 Order = Literal["auto", "forward", "backward", "patches"]
@@ -516,7 +516,7 @@ class DualNetwork:
 
     def _patches_apply(self, i: int) -> bool:
         """Receptive-field bounds for layer ``i``: a convolutional prefix over an l_inf set, a non-empty batch."""
-        return (i > 0 and self.x.shape[0] > 0 and isinstance(self.input_set, LinfBall | BoxedLinfBall)
+        return (i > 0 and self.x.shape[0] > 0 and self.input_set.is_box
                 and conv_prefix(self.net, i) is not None)
 
     def _bounds_patches(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,7 +560,7 @@ class DualNetwork:
 
     def _first_layer_is_interval(self) -> bool:
         ops = [op for op in self.net.layers[0].ops if isinstance(op, LinearOp | Conv2dOp)]
-        return len(ops) == 1 and isinstance(self.input_set, LinfBall | BoxedLinfBall)
+        return len(ops) == 1 and self.input_set.is_box
 
     def _first_layer_interval(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact bounds of ``W_1 x' + b_1`` over a box (:meth:`AffineLayer.interval`)."""

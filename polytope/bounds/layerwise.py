@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from polytope.model.network import AffineLayer, Conv2dOp, LinearOp, Network, Shape, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.model.sets import InputSet
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
@@ -78,10 +78,6 @@ def interval_affine(layer: AffineLayer, lower: torch.Tensor, upper: torch.Tensor
     return centre - radius, centre + radius
 
 
-def _box_is_exact(input_set: InputSet) -> bool:
-    return isinstance(input_set, LinfBall | BoxedLinfBall)
-
-
 def first_layer_bounds(net: Network, x: torch.Tensor, input_set: InputSet) -> Bounds:
     """Exact range of ``zhat_2 = W_1 x' + b_1`` over ``x' in S(x)``.
 
@@ -89,7 +85,7 @@ def first_layer_bounds(net: Network, x: torch.Tensor, input_set: InputSet) -> Bo
     row uses the set's support function, ``min_{x'} w_j^T x' = w_j^T x - eps ||w_j||_q``.
     """
     layer, in_shape = net.layers[0], tuple(x.shape[1:])
-    if _box_is_exact(input_set):
+    if input_set.is_box:
         lo, hi = input_set.box(x)
         return interval_affine(layer, lo, hi, in_shape)
     out_shape = layer.shapes(in_shape)[-1]

@@ -15,9 +15,14 @@ COMMANDS = (
     "polytope.commands.data",
     "polytope.commands.radius",
     "polytope.commands.reproduce",
+    "polytope.commands.supports",
     "polytope.commands.tightness",
     "polytope.commands.train",
+    "polytope.commands.verify",
 )
+#: Commands run often and alone (a VNN-LIB solver is started once per query): only their module is
+#: imported, so start-up does not pay for the others' imports.
+LIGHT = ("supports", "verify")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,21 +32,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command registered (their parsers are :class:`OneLineParser` too)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every sub-command registered (their parsers are :class:`OneLineParser` too);
+    ``only``: just that one (see :data:`LIGHT`)."""
     parser = OneLineParser(
         prog="polytope",
         description="Provable robustness of ReLU networks by linear programming (Wong & Kolter 2018).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (f"polytope.commands.{only}",):
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn polytope's errors into one line on stderr (exit status 2)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in LIGHT else None).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except PolytopeError as exc:

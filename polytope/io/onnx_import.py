@@ -5,7 +5,8 @@ read node by node; the tensor flowing along the chain is tracked as a *view* of 
 the base is the output of the last real operator in polytope's layout (``(n,)`` or ``(C, H, W)``),
 and the view is an integer array, shaped like the ONNX tensor, of flat indices into the base.
 Layout operators (Flatten, Reshape, Transpose, Squeeze, Unsqueeze) only permute that array, and
-the next matrix absorbs the permutation into its columns.  Elementwise affine maps (Add, Sub,
+selections (Slice, Gather with constant indices) pick from it; the next matrix absorbs the
+permutation or selection into its columns.  Elementwise affine maps (Add, Sub,
 Mul, Div by constants, BatchNormalization) are kept as one pending ``x * s + t`` on the base and
 folded into the neighbouring Gemm/MatMul/Conv, so an input normalisation ends up inside the first
 affine layer and consecutive dense maps compose into one matrix (all folding in float64).
@@ -39,11 +40,11 @@ DENSE_LIMIT = 1 << 26
 #: Operators applied to the network's value (constant subgraphs may also use :data:`CONSTANT_OPS`).
 CHAIN_OPS = (
     "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "Relu", "Flatten", "Reshape", "Transpose",
-    "BatchNormalization", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Cast",
+    "BatchNormalization", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Cast", "Neg", "Slice", "Gather",
 )
 CONSTANT_OPS = (
     "Constant", "Shape", "Gather", "Concat", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity",
-    "Slice", "Add", "Sub", "Mul", "Div", "Flatten", "Transpose",
+    "Slice", "Add", "Sub", "Mul", "Div", "Flatten", "Transpose", "Neg",
 )
 SUPPORTED_OPS = tuple(sorted(set(CHAIN_OPS) | set(CONSTANT_OPS)))
 
@@ -240,7 +241,9 @@ class _Importer:
         self._flush()
         order = self.view.ravel()
         in_order = np.array_equal(order, np.arange(order.size))
-        if not self.segments[-1] or not in_order:  # ends with a ReLU, or a layout change to undo
+        mixing = any(isinstance(piece, _Dense | _Conv) for seg in self.segments for piece in seg)
+        # ends with a ReLU, or a layout change to undo, or no matrix at all (polytope's layers need one)
+        if not self.segments[-1] or not in_order or not mixing:
             self._dense_on_view(np.eye(order.size), None, (order.size,))
         self._flatten_base()
         return int(order.size)
@@ -349,6 +352,29 @@ class _Importer:
     def _op_Transpose(self, node, attrs) -> np.ndarray:
         return self.view.transpose(attrs.get("perm", list(reversed(range(self.view.ndim)))))
 
+    def _op_Slice(self, node, attrs) -> np.ndarray:
+        """A selection of the value's elements: only the view changes (the next matrix picks its columns)."""
+        self._data_first(node)
+        args = [self.view, *(self._optional(node, i, "slice parameter") for i in range(1, len(node.input)))]
+        return self._selection(node, _fold_slice(self.view, attrs, args))
+
+    def _op_Gather(self, node, attrs) -> np.ndarray:
+        """Elements of the value at constant indices (a selection, like :meth:`_op_Slice`)."""
+        self._data_first(node)
+        indices = self._const(node, 1, "indices").astype(np.int64)
+        axis = attrs.get("axis", 0)
+        if indices.size and (indices.max() >= self.view.shape[axis] or indices.min() < -self.view.shape[axis]):
+            raise UnsupportedOperatorError(f"node {node.name!r} (Gather): an index is out of range")
+        return self._selection(node, np.take(self.view, indices, axis=axis))
+
+    def _selection(self, node, view: np.ndarray) -> np.ndarray:
+        """Make a selection concrete at once (an exact 0/1 matrix, which composes with a dense layer before
+        it), so every later view is a permutation of its base again."""
+        if view.size == 0:
+            raise UnsupportedGraphError(f"node {node.name!r} ({node.op_type}) selects no element")
+        self.view = view
+        return self._dense_on_view(np.eye(view.size), None, view.shape)
+
     def _op_Squeeze(self, node, attrs) -> np.ndarray:
         axes = self._axes(node, attrs)
         return _squeeze(self.view, axes)
@@ -369,6 +395,9 @@ class _Importer:
     def _op_Sub(self, node, attrs) -> np.ndarray:
         c = self._other(node)
         return self._elementwise(node, 1.0, -c) if node.input[0] == self.current else self._elementwise(node, -1.0, c)
+
+    def _op_Neg(self, node, attrs) -> np.ndarray:
+        return self._elementwise(node, -1.0, 0.0)
 
     def _op_Mul(self, node, attrs) -> np.ndarray:
         return self._elementwise(node, self._other(node), 0.0)
@@ -444,10 +473,11 @@ class _Importer:
         return self._dense_on_view(np.kron(np.eye(rows), w.T), None, (*shape[:-1], w.shape[1]))
 
     def _dense_on_view(self, w: np.ndarray, b: np.ndarray | None, out_shape: Shape) -> np.ndarray:
-        """Append ``W v + b`` where ``v`` is the view flattened: ``W``'s columns follow the view's order."""
+        """Append ``W v + b`` where ``v`` is the view flattened: ``W``'s columns follow the view's order
+        (a selection's view may repeat or skip base elements: repeated columns add up)."""
         self._flatten_base()
-        full = np.zeros((w.shape[0], self.view.size))
-        full[:, self.view.ravel()] = w
+        full = np.zeros((w.shape[0], int(np.prod(self.base_shape))))
+        np.add.at(full.T, self.view.ravel(), w.T)
         self._dense_on_base(full, b)
         return np.arange(w.shape[0], dtype=np.int64).reshape(out_shape)
 
@@ -526,12 +556,11 @@ class _Importer:
     # -- ReLU and the layers ------------------------------------------------------------------
     def _op_Relu(self, node, attrs) -> np.ndarray:
         self._flush()
-        if not self.segments[-1]:
-            raise UnsupportedOperatorError(
-                f"node {node.name!r} (Relu) is not preceded by an affine operator (polytope needs W x + b first)"
-            )
+        view = self.view
+        if not self.segments[-1]:  # a ReLU on the input, or right after another: an exact identity layer first
+            view = self._dense_on_view(np.eye(self.view.size), None, self.view.shape)
         self.segments.append([])
-        return self.view
+        return view
 
     def _flush(self) -> None:
         """Fold the pending elementwise map into the layer's last piece, or make it a piece of its own."""
@@ -704,6 +733,8 @@ def _fold_op(node, attrs: dict, args: list) -> np.ndarray:
         return x.transpose(attrs.get("perm", list(reversed(range(x.ndim)))))
     if op == "Slice":
         return _fold_slice(x, attrs, args)
+    if op == "Neg":
+        return -x
     y = args[1]
     if op == "Div" and np.issubdtype(x.dtype, np.integer):
         return np.trunc(x / y).astype(x.dtype)

@@ -55,6 +55,10 @@ class UnsupportedPropertyError(PropertyFileError):
     """A well-formed VNN-LIB property outside what polytope verifies (e.g. non-box input constraints)."""
 
 
+class PropertyMismatchError(PolytopeError, ValueError):
+    """A property whose input or output count does not match the network, or that has no output constraint."""
+
+
 class InvalidObjectiveError(InvalidInputError):
     """An objective ``c`` or a cutoff that holds NaN or inf."""
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from polytope.model.errors import InvalidEpsilonError, InvalidInputError
+from polytope.model.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
 
 
 def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -70,6 +70,10 @@ class InputSet(ABC):
     kind = "abstract"
     p: ClassVar[float] = math.inf
     """The norm of the ball: ``||x' - x||_p <= eps``."""
+    is_box: ClassVar[bool] = False
+    """``True`` when the set *is* its bounding box :meth:`box` (the l_inf sets, :class:`Box`): the engines
+    then use interval arithmetic, receptive-field bounds and LP column bounds instead of its support
+    function.  A new box-like set sets it and needs no engine edits."""
 
     def radius(self, x: torch.Tensor) -> torch.Tensor:
         """``eps`` as a tensor of shape ``(B,)`` on ``x``'s device, validated.
@@ -202,6 +206,7 @@ class LinfBall(_CenteredBall):
     kind = "linf"
     q = 1.0
     p = math.inf
+    is_box = True
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         lo, hi = self.box(x)
@@ -247,12 +252,36 @@ class L1Ball(_CenteredBall):
         return x + proj.reshape(x.shape)
 
 
+class AxisBox(InputSet):
+    """A set that is a box ``[lo, hi]`` per example, given by :meth:`box`: the arithmetic shared by
+    :class:`BoxedLinfBall` and :class:`Box`.
+
+    With centre ``m = (lo + hi) / 2`` and half-widths ``r = (hi - lo) / 2``,
+    ``min <g, x'> = <g, m> - <|g|, r>``; projection is clipping; membership is coordinatewise.
+    """
+
+    is_box = True
+
+    def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.box(x)
+        gf = g.flatten(2)
+        return rows_dot(gf, ((lo + hi) / 2).flatten(1)), rows_dot(gf.abs(), ((hi - lo) / 2).flatten(1))
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x)
+        return torch.minimum(torch.maximum(x_adv, lo), hi)
+
+    def excess(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x.detach().double())
+        p64 = points.detach().to(device=x.device, dtype=torch.float64)
+        return torch.maximum(lo - p64, p64 - hi).flatten(1).amax(1).clamp_min(0)
+
+
 @dataclass(frozen=True)
-class BoxedLinfBall(InputSet):
+class BoxedLinfBall(AxisBox):
     """The l_inf ball intersected with the domain box ``[lo, hi]`` (pixels: ``[0, 1]``).
 
-    It is the box ``[max(x - eps, lo), min(x + eps, hi)]``; with centre ``m`` and radius ``r``,
-    ``min <g, x'> = <g, m> - <|g|, r>``.
+    It is the box ``[max(x - eps, lo), min(x + eps, hi)]`` (see :class:`AxisBox`).
     """
 
     lo: float = 0.0
@@ -274,16 +303,108 @@ class BoxedLinfBall(InputSet):
             )
         return lo, hi
 
-    def centre_and_support(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.box(x)
-        gf = g.flatten(2)
-        return rows_dot(gf, ((lo + hi) / 2).flatten(1)), rows_dot(gf.abs(), ((hi - lo) / 2).flatten(1))
 
-    def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.box(x)
-        return torch.minimum(torch.maximum(x_adv, lo), hi)
+def _bound_tensor(v: object, name: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+    else:
+        try:
+            t = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidInputError(f"Box {name} must be a tensor or an array of numbers: {exc}") from exc
+    if t.dtype == torch.bool or t.is_complex():
+        raise InvalidInputError(f"Box {name} must hold real numbers, got {t.dtype}")
+    if not t.is_floating_point():
+        t = t.double()
+    if t.dim() == 0:
+        raise InvalidInputError(f"Box {name} must have the input's shape, got a scalar")
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidInputError(f"Box {name} holds NaN or inf values")
+    return t
 
-    def excess(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.box(x.detach().double())
-        p64 = points.detach().to(device=x.device, dtype=torch.float64)
-        return torch.maximum(lo - p64, p64 - hi).flatten(1).amax(1).clamp_min(0)
+
+@dataclass(frozen=True, init=False, eq=False)
+class Box(AxisBox):
+    """Per-coordinate input bounds ``lo <= x' <= hi`` (a VNN-LIB input region), whatever ``x``.
+
+    ``lo`` and ``hi`` have the network's input shape ``in_shape`` (one box for the whole batch) or
+    ``(B, *in_shape)`` (one box per example; ``batched=True`` says so when ``in_shape[0]`` could be
+    mistaken for a batch size).  The set ignores ``x`` except for its shape and dtype: every engine
+    still takes an ``x`` (``DualNetwork(net, x, Box(lo, hi))``), and the natural one is the box centre
+    :meth:`centre`.  ``eps`` is unused (0).  The bounds are kept in their own dtype (float64 arrays stay
+    float64) and cast to ``x``'s dtype when used.  :meth:`radius` is half the widest side per example
+    (the scale attacks take their step sizes from).
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    batched: bool | None = None
+
+    kind = "box"
+
+    def __init__(self, lo: object, hi: object, eps: float | torch.Tensor = 0.0, batched: bool | None = None) -> None:
+        lo_t, hi_t = _bound_tensor(lo, "lo"), _bound_tensor(hi, "hi")
+        if lo_t.shape != hi_t.shape:
+            raise ShapeMismatchError(f"Box lo has shape {tuple(lo_t.shape)} but hi has {tuple(hi_t.shape)}")
+        if bool((lo_t > hi_t).any()):
+            bad = int((lo_t > hi_t).flatten().nonzero()[0])
+            raise InvalidInputError(
+                f"Box needs lo <= hi: coordinate {bad} has lo {float(lo_t.flatten()[bad])} > hi "
+                f"{float(hi_t.flatten()[bad])} (the set is empty)")
+        object.__setattr__(self, "eps", 0.0)
+        object.__setattr__(self, "lo", lo_t)
+        object.__setattr__(self, "hi", hi_t)
+        object.__setattr__(self, "batched", batched)
+
+    def _per_example(self, x: torch.Tensor) -> bool:
+        if tuple(self.lo.shape) == tuple(x.shape) and self.batched is not False:
+            return True
+        if tuple(self.lo.shape) == tuple(x.shape[1:]) and not self.batched:
+            return False
+        raise ShapeMismatchError(
+            f"Box bounds have shape {tuple(self.lo.shape)}; x has shape {tuple(x.shape)}: they must be the "
+            "input shape or (B, *input shape)")
+
+    def radius(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.box(x)
+        return ((hi - lo) / 2).flatten(1).amax(1)
+
+    def validate(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise InvalidInputError(f"x must be batched (B, *in_shape), got shape {tuple(x.shape)}")
+        check_finite(x)
+        self._per_example(x)
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.validate(x)
+        lo, hi = (t.to(dtype=x.dtype, device=x.device) for t in (self.lo, self.hi))
+        if x.dtype.is_floating_point and x.dtype != self.lo.dtype:  # rounding may not shrink the box
+            lo = torch.where(lo > self.lo.to(x.device), torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+            hi = torch.where(hi < self.hi.to(x.device), torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+        return lo.expand(x.shape), hi.expand(x.shape)
+
+    def centre(self, batch: int = 1) -> torch.Tensor:
+        """The box centre ``(lo + hi) / 2`` as a batch ``(B, *in_shape)``: ``batch`` copies of a shared box,
+        or the per-example centres of a box made with ``batched=True``."""
+        m = (self.lo + self.hi) / 2
+        return m if self.batched else m.unsqueeze(0).expand(batch, *m.shape).clone()
+
+    def subset(self, batch: int, index: int | slice | Sequence[int] | torch.Tensor) -> InputSet:
+        per_example = self.batched or (self.batched is None and self.lo.dim() >= 2 and self.lo.shape[0] == batch
+                                       and batch > 1)
+        if not per_example:
+            return self
+        if isinstance(index, int):
+            index = [index]
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, device=self.lo.device)
+        return Box(self.lo[index], self.hi[index], batched=True)
+
+    def sample(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        lo, hi = self.box(x)
+        shape = (x.shape[0], n, *x.shape[1:])
+        u = torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)
+        u[:, : n // 4] = u[:, : n // 4].round()
+        return torch.minimum(torch.maximum(lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1), lo.unsqueeze(1)),
+                             hi.unsqueeze(1))

@@ -25,7 +25,7 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.checks import check_objective
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, Shape, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import InputSet, L1Ball, L2Ball
 from polytope.solvers.sparse_ops import SparseAffine
 
 BoundsSpec = Literal["dual", "lp-all"] | Sequence[tuple[Any, Any]]
@@ -392,13 +392,14 @@ class NetworkColumns:
 
 
 def add_input(model: HighsModel, x: np.ndarray, input_set: InputSet, x64: torch.Tensor) -> NetworkColumns:
-    """``z_1`` in ``S(x)``: a box for l_inf sets; the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
+    """``z_1`` in ``S(x)``: a box for the box sets (``is_box``: l_inf, :class:`~polytope.model.sets.Box`);
+    the box plus ``t >= |z_1 - x|, sum t <= eps`` for l_1."""
     if isinstance(input_set, L2Ball):
         raise SolverError(
             "the l2 ball is not polyhedral, so eq. (19) over it is a second-order cone program, not an LP: "
             "use polytope.solvers.lp.RelaxedLPCvxpy (solved by Clarabel) for l2 sets"
         )
-    if not isinstance(input_set, LinfBall | BoxedLinfBall | L1Ball):
+    if not (input_set.is_box or isinstance(input_set, L1Ball)):
         raise SolverError(f"no LP form for input set {type(input_set).__name__}")
     lo, hi = input_set.box(x64)
     cols = NetworkColumns(model.add_cols(lo.flatten().numpy(), hi.flatten().numpy()))
@@ -508,6 +509,26 @@ def _relu_expression(expr: Expression, positive: np.ndarray, unst: np.ndarray, z
         matrix[pos, : expr.cols.size] = on_pos
         matrix[unst, expr.cols.size + np.arange(unst.size)] = 1.0
     return Expression(np.concatenate([expr.cols, z]), matrix, np.where(positive, expr.offset, 0.0))
+
+
+def add_max_rows(model: HighsModel, cols: NetworkColumns, A: Any, b: Any) -> np.ndarray:
+    """A free column ``t`` and the rows ``A zhat_k - t <= b`` on the output columns ``cols.zhat[-1]``.
+
+    Minimising ``t`` then gives ``min max_i (A_i zhat_k - b_i)`` over the model (the joint objective of a
+    conjunction ``A y <= b``).  ``t`` is free and enters no other row, so the rows leave every other
+    objective's optimum unchanged.  Returns ``t``'s index (one element).
+    """
+    out = cols.zhat[-1]
+    A_np = np.atleast_2d(torch.as_tensor(A).detach().cpu().double().numpy())
+    b_np = torch.as_tensor(b).detach().cpu().double().flatten().numpy()
+    if A_np.ndim != 2 or A_np.shape[1] != out.size or A_np.shape[0] != b_np.size or b_np.size == 0:
+        raise ShapeMismatchError(f"A must be (k, {out.size}) and b (k,) with k >= 1, got {A_np.shape} and {b_np.shape}")
+    check_objective(A_np, "A")
+    check_objective(b_np, "b")
+    t = model.add_cols(np.array([-_INF]), np.array([_INF]))
+    k = b_np.size
+    model.add_rows(np.full(k, -_INF), b_np, [(out, sp.csr_matrix(A_np)), (t, sp.csr_matrix(-np.ones((k, 1))))])
+    return t
 
 
 def extract(values: np.ndarray, cols: NetworkColumns) -> tuple[np.ndarray, np.ndarray, tuple]:

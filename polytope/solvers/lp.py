@@ -50,7 +50,7 @@ from polytope.bounds.dual import DualNetwork
 from polytope.model.checks import check_choice
 from polytope.model.errors import ShapeMismatchError, SolverError
 from polytope.model.network import Network, Shape, as_float64, numel
-from polytope.model.sets import BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
+from polytope.model.sets import Box, BoxedLinfBall, InputSet, L1Ball, L2Ball, LinfBall
 from polytope.solvers.highs import (
     BoundsSpec,
     FlatBounds,
@@ -58,6 +58,7 @@ from polytope.solvers.highs import (
     LPResult,
     add_affine,
     add_input,
+    add_max_rows,
     add_relu,
     batch_of_one,
     check_bounds,
@@ -81,7 +82,7 @@ class RelaxedLP:
     Args:
         net: the network (any dtype; a float64 copy is used).
         x: one example, ``(*in_shape)`` or ``(1, *in_shape)``.
-        input_set: ``LinfBall``, ``BoxedLinfBall`` or ``L1Ball`` (``L2Ball`` raises
+        input_set: ``LinfBall``, ``BoxedLinfBall``, ``Box`` or ``L1Ball`` (``L2Ball`` raises
             :class:`SolverError`; see :class:`RelaxedLPCvxpy`).
         bounds: ``"dual"`` (Algorithm 1), ``"lp-all"`` (every layer's ``l, u`` re-derived by LPs
             over the relaxation of the earlier layers, itself built from the tightened bounds),
@@ -171,7 +172,17 @@ class RelaxedLP:
         """Minimise ``c^T zhat_k`` over eq. (19); ``c: (n_out,)``, finite."""
         c_np = objective_vector(c, self.n_out)
         warm = self.warm_start if warm_start is None else warm_start
-        self.model.set_objective(self.cols.zhat[-1], c_np)
+        return self._solve_cols(self.cols.zhat[-1], c_np, warm)
+
+    def solve_max(self, A: Any, b: Any) -> LPResult:
+        """Minimise ``max_i (A_i zhat_k - b_i)`` over eq. (19): a free ``t`` with ``A zhat_k - t <= b``
+        (:func:`~polytope.solvers.highs.add_max_rows`).  An optimal value ``> 0`` shows the conjunction
+        ``A y <= b`` unreachable from the relaxation (up to HiGHS's tolerances); ``value`` is that min-max."""
+        t = add_max_rows(self.model, self.cols, A, b)
+        return self._solve_cols(t, np.ones(1), warm=False)
+
+    def _solve_cols(self, cols: np.ndarray, costs: np.ndarray, warm: bool) -> LPResult:
+        self.model.set_objective(cols, costs)
         status, seconds, message = self.model.run(self.time_limit, warm)
         if status not in ("optimal", "infeasible", "time_limit") and warm:
             # A warm start that went astray: retry once from scratch before reporting.
@@ -312,6 +323,10 @@ class RelaxedLPCvxpy:
             return [cp.norm(z - x_flat, 2) <= eps]
         if isinstance(input_set, L1Ball):
             return [cp.norm(z - x_flat, 1) <= eps]
+        if isinstance(input_set, Box):
+            lo_t = input_set.lo if input_set.lo.dim() == self.x.dim() - 1 else input_set.lo[0]
+            hi_t = input_set.hi if input_set.hi.dim() == self.x.dim() - 1 else input_set.hi[0]
+            return [z >= lo_t.double().flatten().numpy(), z <= hi_t.double().flatten().numpy()]
         if isinstance(input_set, BoxedLinfBall):
             lo = np.maximum(x_flat - eps, input_set.lo)
             hi = np.minimum(x_flat + eps, input_set.hi)

@@ -30,6 +30,7 @@ from polytope.solvers.highs import (
     LPResult,
     add_affine,
     add_input,
+    add_max_rows,
     add_relu,
     batch_of_one,
     check_bounds,
@@ -128,12 +129,24 @@ class ExactMILP:
         objective ``<= t`` (status ``"target"``; ``z_in`` is that counterexample).  In both
         cases ``value`` is NaN: it is not the minimum.
         """
-        c_np = objective_vector(c, self.n_out)
+        return self._solve_cols(self.cols.zhat[-1], objective_vector(c, self.n_out), cutoff)
+
+    def solve_max(self, A: Any, b: Any, cutoff: float | None = None) -> LPResult:
+        """``min max_i (A_i f(x') - b_i)`` over ``S(x)`` exactly (a free ``t`` with ``A zhat_k - t <= b``).
+
+        With ``cutoff = tau > 0``: status ``"cutoff"`` proves the min-max ``>= tau`` (the conjunction
+        ``A y <= b`` is unreachable); with ``cutoff = 0``, ``"target"`` stops at the first point with
+        ``max_i (...) <= 0`` (``z_in`` is a candidate counterexample).  Any other status proves nothing.
+        """
+        t = add_max_rows(self.model, self.cols, A, b)
+        return self._solve_cols(t, np.ones(1), cutoff)
+
+    def _solve_cols(self, cols: np.ndarray, c_np: np.ndarray, cutoff: float | None) -> LPResult:
         cutoff = check_cutoff(cutoff)
         h = self.model.h
         h.setOptionValue("objective_bound", highspy.kHighsInf if cutoff is None else cutoff)
         h.setOptionValue("objective_target", -highspy.kHighsInf if cutoff is None else cutoff)
-        self.model.set_objective(self.cols.zhat[-1], c_np)
+        self.model.set_objective(cols, c_np)
         status, seconds, message = self.model.run(self.time_limit, warm=False)
         info = h.getInfo()
         dual_bound = float(info.mip_dual_bound)

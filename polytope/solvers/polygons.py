@@ -41,7 +41,7 @@ from polytope.bounds.dual import DualNetwork
 from polytope.bounds.layerwise import layerwise_bounds
 from polytope.model.errors import InvalidInputError, ShapeMismatchError
 from polytope.model.network import LinearOp, Network
-from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
+from polytope.model.sets import InputSet
 
 PointLike = torch.Tensor | np.ndarray | Sequence[float]
 
@@ -279,7 +279,7 @@ def planar_example(net: Network, x: PointLike) -> torch.Tensor:
 
 
 def _check_linf(input_set: InputSet) -> None:
-    if not isinstance(input_set, LinfBall | BoxedLinfBall):
+    if not input_set.is_box:
         raise InvalidInputError(
             f"enumerating the adversarial polytope needs an l_inf set (a box), got {type(input_set).__name__}"
         )
