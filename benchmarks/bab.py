@@ -13,7 +13,7 @@ Writes ``benchmarks/results_bab.md``.  Instances:
   released model, eps = 0.1 (l_inf ball, no pixel clip, as in the ladder); polytope uses ReLU splitting there.
 
 Tools, each with a 60 s budget per instance (``--quick``: 5 s): polytope's BaB rung
-(:func:`polytope.verify.bab.verify_bab`, default options), the project's MILP (:class:`ExactMILP` with LP-tightened
+(:func:`polytope.verifiers.bab.verify_bab`, default options), the project's MILP (:class:`ExactMILP` with LP-tightened
 bounds, one MIP per target stopped at the threshold 0, time shared by the targets; build time counted),
 and Marabou 2.0 (its binary, on the network exported as ONNX and one VNN-LIB 1.0 property per target:
 ``Y_t >= Y_y`` inside the box; ``sat`` for a target means not robust).  For the branching comparison,
@@ -50,8 +50,8 @@ import polytope as pt  # noqa: E402
 from polytope.io.data import load_dataset  # noqa: E402
 from polytope.io.models import load_released  # noqa: E402
 from polytope.solvers.milp import ExactMILP  # noqa: E402
-from polytope.verify.bab import BaBOptions, verify_bab  # noqa: E402
-from polytope.verify.cascade import verified_point  # noqa: E402
+from polytope.verifiers.bab import BaBOptions, verify_bab  # noqa: E402
+from polytope.verifiers.cascade import verified_point  # noqa: E402
 
 
 @dataclass

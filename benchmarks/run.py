@@ -220,7 +220,7 @@ def log(msg: str) -> None:
 
 def certified(j: Any, y: Any) -> Any:
     """Corollary 1 on a ``(B, n)`` margin matrix: every ``J_j > 0`` for ``j != y``."""
-    from polytope.verify.robust import certified_by_margins
+    from polytope.verifiers.robust import certified_by_margins
 
     return certified_by_margins(j, y)
 

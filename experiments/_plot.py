@@ -41,9 +41,9 @@ from polytope.solvers.polygons import (
     random_network,
     rasterize,
 )
-from polytope.verify.attacks import attack_error, fgsm, pgd
-from polytope.verify.robust import certify
-from polytope.verify.train import TrainConfig, train
+from polytope.verifiers.attacks import attack_error, fgsm, pgd
+from polytope.verifiers.robust import certify
+from polytope.verifiers.train import TrainConfig, train
 
 #: Where trained models are cached (gitignored ``runs/``).
 MODELS_DIR = Path("runs") / "models"

@@ -9,7 +9,7 @@ models.  The random and standard MNIST models leave thousands of units unstable 
 has about 8,000 columns and 600,000 non-zeros): their LPs are solved by interior point with
 crossover (``--large-solver``, about 15 s per LP against 70-130 s by the dual simplex) and
 ``--n-large`` caps their examples.  The CSV holds every row of
-:func:`polytope.verify.tightness.tightness_rows` with its model and each example's seconds.
+:func:`polytope.verifiers.tightness.tightness_rows` with its model and each example's seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from polytope.io.data import load_dataset
 from polytope.io.models import build_arch, load_released
 from polytope.model.network import Network
 from polytope.model.sets import LinfBall
-from polytope.verify.tightness import tightness_rows
+from polytope.verifiers.tightness import tightness_rows
 
 NAME = "fig11_tightness"
 

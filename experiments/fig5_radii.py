@@ -2,7 +2,7 @@
 
 For each test example the largest ``eps`` whose certificate (Corollary 2, the predicted class)
 still holds is found by eq. (17)'s safeguarded Newton iteration
-(:func:`polytope.verify.robust.certified_radius`).  The radii are sorted and coloured by whether the
+(:func:`polytope.verifiers.robust.certified_radius`).  The radii are sorted and coloured by whether the
 example is classified correctly.  The robust model is the paper's released MNIST model
 (eps = 0.1); the standard model is trained here (``mnist`` architecture, ``robust=False``,
 a short run) and cached under ``runs/models/`` so that :mod:`experiments.table1` reuses it.

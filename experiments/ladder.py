@@ -49,7 +49,7 @@ from polytope.io.models import load_released
 from polytope.model.network import Network, as_float64
 from polytope.model.sets import BoxedLinfBall, InputSet, LinfBall
 from polytope.runs.tables import certify_table
-from polytope.verify.cascade import CounterexampleError, verified_point
+from polytope.verifiers.cascade import CounterexampleError, verified_point
 
 METHODS = ("dual", "adaptive", "cascade", "optimized", "lp", "lp-all")
 #: Which cheaper method's certificates a method inherits (it runs only where that one fails).

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from experiments._plot import error_rates, model_experiment_parser, save_outputs, summarize_errors, trained_model
 from polytope.io.data import load_dataset
 from polytope.model.errors import DatasetError
-from polytope.verify.train import TrainConfig
+from polytope.verifiers.train import TrainConfig
 
 NAME = "table2"
 #: The paper's Table 2 (HAR, percent): eps -> (test, FGSM, bound).

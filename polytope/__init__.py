@@ -11,8 +11,8 @@ from typing import Any
 
 #: Where each public name lives.
 _EXPORTS: dict[str, str] = {
-    "BaBOptions": "polytope.verify.bab",
-    "BaBResult": "polytope.verify.bab",
+    "BaBOptions": "polytope.verifiers.bab",
+    "BaBResult": "polytope.verifiers.bab",
     "Box": "polytope.model.sets",
     "BoxedLinfBall": "polytope.model.sets",
     "DatasetError": "polytope.model.errors",
@@ -41,23 +41,20 @@ _EXPORTS: dict[str, str] = {
     "SolverError": "polytope.model.errors",
     "UnknownOptionError": "polytope.model.errors",
     "UnsupportedLayerError": "polytope.model.errors",
-    "VerifyResult": "polytope.verify.property",
-    "certified_radius": "polytope.verify.robust",
-    "certify": "polytope.verify.robust",
+    "VerifyResult": "polytope.verifiers.property",
+    "certified_radius": "polytope.verifiers.robust",
+    "certify": "polytope.verifiers.robust",
     "index_sets": "polytope.bounds.dual",
-    "margin_bounds": "polytope.verify.robust",
+    "margin_bounds": "polytope.verifiers.robust",
     "margin_objective": "polytope.model.specs",
     "optimize_alpha": "polytope.bounds.alpha",
     "optimize_slopes": "polytope.bounds.slopes",
-    "robust_loss": "polytope.verify.robust",
-    "tightness_rows": "polytope.verify.tightness",
-    "verify_bab": "polytope.verify.bab",
-    "worst_margin": "polytope.verify.robust",
+    "robust_loss": "polytope.verifiers.robust",
+    "tightness_rows": "polytope.verifiers.tightness",
+    "verify": "polytope.verifiers.property",
+    "verify_bab": "polytope.verifiers.bab",
+    "worst_margin": "polytope.verifiers.robust",
 }
-
-
-verify = importlib.import_module("polytope.verify")
-"""The subpackage, callable: ``polytope.verify(net, prop, ...)`` is :func:`polytope.verify.property.verify`."""
 
 
 def __getattr__(name: str) -> Any:

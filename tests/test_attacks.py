@@ -1,4 +1,4 @@
-"""Tests of polytope.verify.attacks: constraint satisfaction, loss ascent, the analytic worst case
+"""Tests of polytope.verifiers.attacks: constraint satisfaction, loss ascent, the analytic worst case
 of a linear classifier, restarts, and input validation."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 
 from polytope.model.errors import InvalidEpsilonError, InvalidInputError, ShapeMismatchError
 from polytope.model.sets import BoxedLinfBall, L1Ball, L2Ball, LinfBall
-from polytope.verify import attacks
+from polytope.verifiers import attacks
 
 
 def small_convnet(seed: int = 0) -> nn.Sequential:

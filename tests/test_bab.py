@@ -19,8 +19,8 @@ from polytope.bounds.dual import DualNetwork
 from polytope.bounds.slopes import _ProjectedAdam
 from polytope.bounds.splits import SplitDual
 from polytope.model.errors import InvalidInputError, UnsupportedSetError
-from polytope.verify.bab import BaBOptions, margin_rows, region_lp, verify_bab
-from polytope.verify.cascade import Cascade
+from polytope.verifiers.bab import BaBOptions, margin_rows, region_lp, verify_bab
+from polytope.verifiers.cascade import Cascade
 
 SETS = {"linf": pt.LinfBall, "linf-box": lambda e: pt.BoxedLinfBall(e, 0.0, 1.0)}
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import polytope as pt
 from polytope.bounds.layerwise import layerwise_bounds
 from polytope.bounds.slopes import optimize_slopes
-from polytope.verify.attacks import pgd_in_set
+from polytope.verifiers.attacks import pgd_in_set
 from tests.strategies import ConvSpec, build_conv, build_fc, fast
 
 DTYPE = torch.float64

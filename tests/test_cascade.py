@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polytope as pt
-from polytope.verify.cascade import RUNGS, Cascade
+from polytope.verifiers.cascade import RUNGS, Cascade
 
 
 def _net(seed: int, width: int = 10) -> tuple[nn.Sequential, pt.Network]:

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import SET_KINDS, cases, fast_no_shrink, in_set, make_set
 
-from polytope.verify.cascade import RUNGS, Cascade
-from polytope.verify.robust import certificate_margins, worst_of
+from polytope.verifiers.cascade import RUNGS, Cascade
+from polytope.verifiers.robust import certificate_margins, worst_of
 
 TIME_LIMIT = 5.0
 

@@ -12,7 +12,7 @@ import polytope as pt
 from polytope.io.data import load_dataset
 from polytope.io.models import load_released, released_model_path
 from polytope.model.errors import DatasetError
-from polytope.verify.attacks import attack_error, pgd
+from polytope.verifiers.attacks import attack_error, pgd
 
 torch.set_num_threads(1)
 

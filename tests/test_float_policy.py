@@ -21,7 +21,7 @@ import polytope as pt
 from polytope.bounds.dual import DualNetwork
 from polytope.bounds.precision import ROUNDING_SAFETY, rounding_tolerance
 from polytope.model.network import as_float64
-from polytope.verify.robust import certificate_margins, worst_of
+from polytope.verifiers.robust import certificate_margins, worst_of
 
 EPS = 2.0**-12  # exactly representable in float32: both precisions bound the same ball
 SCALES = (1.0, 10.0, 100.0, 1000.0)

@@ -3,7 +3,7 @@
 Every ``import`` and ``from ... import`` counts, at module level or inside a function (lazy
 imports), relative or absolute.  The wings of ``polytope/`` and what each may import:
 
-    model  <-  bounds  <-  solvers  <-  verify  <-  runs  <-  commands
+    model  <-  bounds  <-  solvers  <-  verifiers  <-  runs  <-  commands
     model  <-  io                                            (commands may import anything)
 
 ``polytope/__init__.py`` and ``__main__.py`` are the public facade and are exempt as importers;
@@ -27,10 +27,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model": frozenset(),
     "bounds": frozenset({"model"}),
     "solvers": frozenset({"model", "bounds"}),
-    "verify": frozenset({"model", "bounds", "solvers"}),
+    "verifiers": frozenset({"model", "bounds", "solvers"}),
     "io": frozenset({"model"}),
-    "runs": frozenset({"model", "bounds", "solvers", "verify"}),
-    "commands": frozenset({"model", "bounds", "solvers", "verify", "io", "runs", "commands"}),
+    "runs": frozenset({"model", "bounds", "solvers", "verifiers"}),
+    "commands": frozenset({"model", "bounds", "solvers", "verifiers", "io", "runs", "commands"}),
 }
 FACADE = frozenset({"polytope", "polytope.__main__"})
 DISPATCHER = "polytope.commands.reproduce"
@@ -161,11 +161,11 @@ def test_imports_follow_the_wing_order() -> None:
 
 def test_the_graph_sees_lazy_relative_and_facade_imports() -> None:
     srcs = {
-        "polytope": "from polytope.verify.robust import certify\nfrom polytope.bounds.dual import D\n",
+        "polytope": "from polytope.verifiers.robust import certify\nfrom polytope.bounds.dual import D\n",
         "polytope.model": "",
-        "polytope.model.sets": "def f():\n    from ..verify import robust\n",
-        "polytope.verify": "",
-        "polytope.verify.robust": "from polytope import model\nfrom polytope.model.sets import Ball\n",
+        "polytope.model.sets": "def f():\n    from ..verifiers import robust\n",
+        "polytope.verifiers": "",
+        "polytope.verifiers.robust": "from polytope import model\nfrom polytope.model.sets import Ball\n",
         "polytope.bounds": "",
         "polytope.bounds.dual": "import polytope\n",
         "experiments": "",
@@ -176,11 +176,11 @@ def test_the_graph_sees_lazy_relative_and_facade_imports() -> None:
         "polytope.commands.radius": "import experiments.fig1\n",
     }
     edges = graph(srcs)
-    assert edges["polytope.model.sets"] == {"polytope.verify.robust"}
-    assert edges["polytope.verify.robust"] == {"polytope.model", "polytope.model.sets"}
+    assert edges["polytope.model.sets"] == {"polytope.verifiers.robust"}
+    assert edges["polytope.verifiers.robust"] == {"polytope.model", "polytope.model.sets"}
     assert edges["experiments.fig1"] == {"experiments.fig2", "experiments._plot", "polytope.commands.radius"}
     assert sorted(cycles({m: {t for t in ts if t.startswith("polytope")} for m, ts in edges.items()})) == [
-        ["polytope", "polytope.bounds.dual"], ["polytope.model.sets", "polytope.verify.robust"]
+        ["polytope", "polytope.bounds.dual"], ["polytope.model.sets", "polytope.verifiers.robust"]
     ]
     assert layer_violations(edges) == [
         "experiments.fig1 imports experiments.fig2: experiments share only experiments._plot",
@@ -188,7 +188,7 @@ def test_the_graph_sees_lazy_relative_and_facade_imports() -> None:
         "polytope.bounds.dual (bounds) imports polytope (the facade)",
         "polytope.commands.radius imports experiments.fig1: only polytope.commands.reproduce reaches experiments "
         "(by name)",
-        "polytope.model.sets (model) imports polytope.verify.robust (verify)",
+        "polytope.model.sets (model) imports polytope.verifiers.robust (verifiers)",
     ]
 
 

@@ -46,7 +46,7 @@ from polytope.solvers.highs import (
 from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
 from polytope.solvers.sparse_ops import layer_matrix, network_matrices
-from polytope.verify.tightness import tightness_rows
+from polytope.verifiers.tightness import tightness_rows
 
 SETTINGS = settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-6

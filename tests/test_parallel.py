@@ -8,7 +8,7 @@ from strategies import DTYPE, ConvSpec, build_conv
 
 import polytope as pt
 from polytope.bounds.parallel import map_chunks
-from polytope.verify.robust import MARGIN_CHUNK
+from polytope.verifiers.robust import MARGIN_CHUNK
 
 
 @pytest.fixture

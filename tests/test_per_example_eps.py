@@ -14,8 +14,8 @@ from strategies import build_fc, make_set
 
 import polytope as pt
 from polytope.bounds.slopes import optimize_slopes
-from polytope.verify.cascade import RUNGS, Cascade
-from polytope.verify.robust import certificate_margins, margin_objective
+from polytope.verifiers.cascade import RUNGS, Cascade
+from polytope.verifiers.robust import certificate_margins, margin_objective
 
 # per set kind: radii from 0 (the point itself) to wide enough that examples reach the LP and MILP rungs
 # and some are not robust

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from polytope.model.errors import InvalidEpsilonError, ModelFileError
-from polytope.verify.train import TrainConfig, epsilon_at, train
+from polytope.verifiers.train import TrainConfig, epsilon_at, train
 
 
 def _toy(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

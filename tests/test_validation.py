@@ -26,8 +26,8 @@ from polytope.model.checks import check_device
 from polytope.solvers.highs import LPResult
 from polytope.solvers.lp import RelaxedLP, RelaxedLPCvxpy
 from polytope.solvers.milp import ExactMILP
-from polytope.verify.cascade import Cascade
-from polytope.verify.tightness import tightness_rows
+from polytope.verifiers.cascade import Cascade
+from polytope.verifiers.tightness import tightness_rows
 
 NAN = float("nan")
 ROOT = Path(__file__).resolve().parents[1]

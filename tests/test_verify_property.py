@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import polytope as pt
 from polytope.io.onnx_import import read_onnx
 from polytope.io.vnnlib import Case, Halfspaces, Property, parse_vnnlib
-from polytope.verify import property as vp
+from polytope.verifiers import property as vp
 from tests.strategies import build_fc, fast
 
 DTYPE = torch.float64

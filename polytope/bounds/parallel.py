@@ -1,6 +1,6 @@
 """Independent chunks of a batch on the CPU's cores.
 
-The dual network of a chunk of :data:`polytope.verify.robust.MARGIN_CHUNK` examples runs hundreds of
+The dual network of a chunk of :data:`polytope.verifiers.robust.MARGIN_CHUNK` examples runs hundreds of
 small tensor operations; torch's intra-op threads split each of them and wait at its end, which
 leaves cores idle between operations.  Running whole chunks side by side (torch releases the
 GIL inside its kernels) keeps every core busy: 1.2-1.3x the throughput of intra-op threads alone

@@ -3,7 +3,7 @@
     polytope radius --model released:mnist --data mnist --limit 1000 --out radii.csv
 
 For each example this finds the largest ``eps`` with ``min_{j != f(x)} J_eps(x, g(e_f(x) 1^T - I))_j >= 0``
-by the safeguarded Newton iteration of :func:`polytope.verify.robust.certified_radius` (the paper's
+by the safeguarded Newton iteration of :func:`polytope.verifiers.robust.certified_radius` (the paper's
 Figure 5).  The radius is certified for the *predicted* class (Corollary 2); for a correctly
 classified example that is the label.  Columns: ``index, label, prediction, correct, radius,
 newton_steps`` (and ``seconds`` per example).  Runs are resumable (see :mod:`polytope.runs.runner`).

@@ -30,8 +30,8 @@ from polytope.runs.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.verify.attacks import pgd
-from polytope.verify.tightness import tightness_rows
+from polytope.verifiers.attacks import pgd
+from polytope.verifiers.tightness import tightness_rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import torch
 from polytope.commands import common
 from polytope.io import data, models
 from polytope.runs.runner import positive_int
-from polytope.verify.train import TrainConfig, train
+from polytope.verifiers.train import TrainConfig, train
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import numpy as np
 
 from polytope.model.errors import PolytopeError, UnsupportedPropertyError
 
-#: The first stdout line for each status of :class:`polytope.verify.property.VerifyResult`.
+#: The first stdout line for each status of :class:`polytope.verifiers.property.VerifyResult`.
 ANSWER = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timed-out"}
 #: The VNN-COMP results-file word for each status.
 RESULT_WORD = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timeout"}
@@ -107,7 +107,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace, start: float) -> int:
     from polytope.io.onnx_import import read_onnx
     from polytope.io.vnnlib import read_vnnlib
-    from polytope.verify.property import check_property, verify
+    from polytope.verifiers.property import check_property, verify
 
     name, onnx_path = _network_path(args.network)
     prop = read_vnnlib(args.property)

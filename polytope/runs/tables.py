@@ -21,8 +21,8 @@ from polytope.runs.runner import (
     model_hash,
     run,
 )
-from polytope.verify.cascade import RUNGS, Cascade, Verdict
-from polytope.verify.robust import certificate_margins, certified_radius
+from polytope.verifiers.cascade import RUNGS, Cascade, Verdict
+from polytope.verifiers.robust import certificate_margins, certified_radius
 
 SOLVER_METHODS = ("lp", "lp-all", "bab", "milp", "cascade")
 #: Methods whose algorithm changed since their first stored results: the revision joins the run

@@ -3,7 +3,7 @@
 Rungs, cheapest first: ``attack`` (PGD inside the actual set; a hit, checked for membership
 and by a float64 forward pass, is a counterexample), ``dual`` (the paper's bound), ``adaptive``,
 ``optimized`` (all layers' slopes), ``lp`` (eq. 19 with the dual's layer bounds), ``lp-all`` (LP-tightened layer bounds)
-``bab`` (complete: branch and bound on the dual, :mod:`polytope.verify.bab`; input splitting for
+``bab`` (complete: branch and bound on the dual, :mod:`polytope.verifiers.bab`; input splitting for
 few inputs, else ReLU splitting; stops at the time limit) and ``milp`` (exact, big-M with HiGHS, stopped at
 the threshold 0: the cross-check, and the last word on what ``bab`` leaves open).  A target ``j`` proven
 (``f_y - f_j > 0`` over the ball) on one rung stays proven; an example is ``certified`` when
@@ -31,9 +31,9 @@ from polytope.model.specs import margin_objective, worst_of
 from polytope.solvers.highs import FlatBounds
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.milp import ExactMILP
-from polytope.verify.attacks import pgd_in_set
-from polytope.verify.bab import BaBOptions, verify_bab
-from polytope.verify.points import (  # noqa: F401  (re-exported: the cascade's public names)
+from polytope.verifiers.attacks import pgd_in_set
+from polytope.verifiers.bab import BaBOptions, verify_bab
+from polytope.verifiers.points import (  # noqa: F401  (re-exported: the cascade's public names)
     MEMBERSHIP_TOL,
     PROJECTED_TOL,
     CounterexampleError,

@@ -47,7 +47,7 @@ from polytope.bounds.precision import ROUNDING_SAFETY, magnitude_bound
 from polytope.model.errors import ModelFileError, PropertyMismatchError, ShapeMismatchError, SolverError
 from polytope.model.network import Network, as_float64, numel
 from polytope.model.sets import Box
-from polytope.verify.attacks import pgd_in_set
+from polytope.verifiers.attacks import pgd_in_set
 
 Status = Literal["unsat", "sat", "unknown", "timeout"]
 

@@ -1,7 +1,7 @@
 """Counterexamples checked the one way every rung checks them: membership in the actual set, a float64 forward pass.
 
-(Moved out of :mod:`polytope.verify.cascade`, which re-exports these names, so that
-:mod:`polytope.verify.bab` can use them without an import cycle.)
+(Moved out of :mod:`polytope.verifiers.cascade`, which re-exports these names, so that
+:mod:`polytope.verifiers.bab` can use them without an import cycle.)
 """
 
 from __future__ import annotations

@@ -96,9 +96,9 @@ def certify(
 
     ``method`` is ``"dual"`` (the paper's fixed slopes), ``"adaptive"``, ``"optimized"``
     (:func:`polytope.bounds.slopes.optimize_slopes`, 20 steps, each example stopping once certified),
-    ``"lp"``, ``"lp-all"``, ``"bab"`` (branch and bound, :mod:`polytope.verify.bab`), ``"milp"`` (each alone)
+    ``"lp"``, ``"lp-all"``, ``"bab"`` (branch and bound, :mod:`polytope.verifiers.bab`), ``"milp"`` (each alone)
     or ``"cascade"`` (all rungs, cheapest first;
-    see :mod:`polytope.verify.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
+    see :mod:`polytope.verifiers.cascade`).  An unknown ``method`` raises :class:`UnknownOptionError`.
 
     Float policy (``docs/float_policy.md``): a certificate never rests on lower-precision rounding.
     For a network and inputs in float32 (or any dtype but float64), every example whose worst
@@ -110,7 +110,7 @@ def certify(
     check_choice(method, METHODS, "method")
     y = _labels(net, x, y)
     if method in ("lp", "lp-all", "bab", "milp", "cascade"):
-        from polytope.verify.cascade import RUNGS, Cascade
+        from polytope.verifiers.cascade import RUNGS, Cascade
 
         rungs = RUNGS if method == "cascade" else (method,)
         verdicts = Cascade(net, input_set, rungs=rungs).run(x, y, list(range(len(x))))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from polytope.model.errors import InvalidEpsilonError, ModelFileError
 from polytope.model.network import Network
 from polytope.model.sets import LinfBall
-from polytope.verify.robust import robust_loss
+from polytope.verifiers.robust import robust_loss
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Domains whose every target is proven are closed; the open domain with the lowest
 Everything runs in float64 (a float64 copy of the network, float64 inputs): ``certified`` means every
 leaf's margin bounds are ``> 0`` as computed in float64, the float policy's final word
 (docs/float_policy.md).  ``not_robust`` comes with a counterexample that passed the cascade's
-:func:`~polytope.verify.points.verified_point` (membership in the ORIGINAL set and a float64 forward
+:func:`~polytope.verifiers.points.verified_point` (membership in the ORIGINAL set and a float64 forward
 pass).  The search stops with ``timeout`` at the time limit and with ``unknown`` at the domain limit,
 when the domain queue would exceed its memory limit, or when a leaf can be split no further and is
 neither proven nor refuted -- never with a guess.
@@ -43,8 +43,8 @@ from polytope.model.checks import check_choice
 from polytope.model.errors import InvalidInputError, ShapeMismatchError, UnsupportedSetError
 from polytope.model.network import Network, as_float64
 from polytope.model.sets import InputSet, rows_dot
-from polytope.verify.attacks import pgd_in_set
-from polytope.verify.points import verified_point
+from polytope.verifiers.attacks import pgd_in_set
+from polytope.verifiers.points import verified_point
 
 SPLITS = ("auto", "input", "relu")
 INPUT_BRANCHING = ("gradient", "widest")

@@ -1,0 +1,1 @@
+"""Verifiers: robust loss and certificates, attacks, the cascade, branch and bound, properties, robust training."""
