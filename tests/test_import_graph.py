@@ -29,7 +29,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "solvers": frozenset({"model", "bounds"}),
     "verifiers": frozenset({"model", "bounds", "solvers"}),
     "io": frozenset({"model"}),
-    "runs": frozenset({"model", "bounds", "solvers", "verifiers"}),
+    "runs": frozenset({"model", "bounds", "solvers", "verifiers", "io"}),
     "commands": frozenset({"model", "bounds", "solvers", "verifiers", "io", "runs", "commands"}),
 }
 FACADE = frozenset({"polytope", "polytope.__main__"})

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from polytope.io.vnnlib import results_text
 from polytope.model.errors import PolytopeError, UnsupportedPropertyError
 
 #: The first stdout line for each status of :class:`polytope.verifiers.property.VerifyResult`.
 ANSWER = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timed-out"}
-#: The VNN-COMP results-file word for each status.
-RESULT_WORD = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timeout"}
 #: Seconds kept back from ``--timeout`` to print the answer.
 OUTPUT_RESERVE = 0.5
 
@@ -39,14 +38,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``verify``."""
     parser = subparsers.add_parser("verify", help="decide a VNN-LIB property on an ONNX network",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("property", metavar="PROP.vnnlib", help="the VNN-LIB property (version 1.0 or 2.0)")
-    parser.add_argument("--network", action="append", required=True, metavar="[NAME=]NET.onnx",
+    parser.add_argument("property", metavar="PROP.vnnlib", nargs="?", default=None,
+                        help="the VNN-LIB property (version 1.0 or 2.0); not with --instances")
+    parser.add_argument("--network", action="append", default=None, metavar="[NAME=]NET.onnx",
                         help="the ONNX network (one; NAME is the network's name in the property)")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="seconds for the whole run, start-up included (default: no limit)")
     parser.add_argument("--results", default=None, metavar="FILE", help="also write a VNN-COMP results file")
     parser.add_argument("--verbose", action="store_true", help="each rung's outcome on stderr")
-    parser.set_defaults(handler=run_verify)
+    batch = parser.add_argument_group("many instances")
+    batch.add_argument("--instances", type=Path, default=None, metavar="CSV",
+                       help="a VNN-COMP instances.csv (onnx,vnnlib,timeout per line): every instance through the "
+                       "resumable store, one row each (answer, method, seconds, counterexample), and a summary")
+    batch.add_argument("--root", type=Path, default=None, metavar="DIR",
+                       help="folder the CSV's paths are relative to (default: the CSV's folder)")
+    batch.add_argument("--counterexamples", default=None, metavar="DIR",
+                       help="with --instances: save each sat instance's results file as DIR/<index>.txt")
+    from polytope.runs.runner import add_runner_arguments
+
+    add_runner_arguments(parser)
+    parser.set_defaults(handler=run_verify, chunk_size=1)  # one instance per chunk: each is saved as it ends
     return parser
 
 
@@ -79,21 +90,33 @@ def assignment(prop, text: str, x: np.ndarray, y: np.ndarray) -> list[str]:
     return ["(", *(f"  ({label} {float(v)!r})" for label, v in pairs), ")"]
 
 
-def results_text(status: str, x: np.ndarray | None = None, y: np.ndarray | None = None) -> str:
-    """The VNN-COMP results file for ``status`` (``"error"`` included)."""
-    if status != "sat":
-        return RESULT_WORD.get(status, status) + "\n"
-    rows = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
-    return "sat\n(" + "\n ".join(rows) + ")\n"
-
-
 def _write_results(path: str | None, text: str) -> None:
     if path is not None:
         Path(path).write_text(text)
 
 
+def run_instances(args: argparse.Namespace) -> int:
+    """``polytope verify --instances CSV``: every instance, a table (``--out``) and a summary on stdout."""
+    from polytope.runs.instances import verify_instances
+    from polytope.runs.runner import run_kwargs_from_args, write_csv
+
+    df = verify_instances(args.instances, args.root, args.counterexamples, chunk_size=args.chunk_size,
+                          **run_kwargs_from_args(args))
+    if args.out:
+        write_csv(df, args.out)
+    counts = ", ".join(f"{k}: {v}" for k, v in df["answer"].value_counts().items())
+    print(f"instances: {len(df)}  {counts}  seconds: {df['seconds'].sum():.1f}")
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     """Run ``polytope verify``; see the module docstring."""
+    if args.instances is not None:
+        if args.property is not None or args.network:
+            raise UnsupportedPropertyError("give either PROP.vnnlib --network NET.onnx or --instances CSV, not both")
+        return run_instances(args)
+    if args.property is None or not args.network:
+        raise UnsupportedPropertyError("polytope verify needs PROP.vnnlib and --network NET.onnx (or --instances CSV)")
     start = time.perf_counter()
     try:
         return _verify(args, start)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytope.model.errors import ModelFileError, UnsupportedGraphError, UnsupportedOperatorError
+from polytope.model.files import read_bytes, resolve
 from polytope.model.network import Network
 
 Shape = tuple[int, ...]
@@ -88,10 +89,11 @@ def read_onnx(path: str | Path, dtype: torch.dtype = torch.float32) -> OnnxNetwo
 def _load_model(path: Path):
     import onnx  # optional dependency: only needed here
 
+    path = resolve(path)
     if not path.is_file():
         raise ModelFileError(f"ONNX file {str(path)!r} does not exist")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load_model_from_string(read_bytes(path))
     except Exception as exc:  # protobuf raises several unrelated types on garbage
         raise ModelFileError(f"{str(path)!r} is not an ONNX model: {exc}") from exc
     if model.ir_version <= 0 or not model.graph.node:

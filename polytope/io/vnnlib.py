@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from polytope.model.errors import PropertyFileError, UnsupportedPropertyError
+from polytope.model.files import read_bytes, resolve
 
 #: The most DNF terms a property may expand to.
 MAX_TERMS = 100_000
@@ -111,10 +112,10 @@ def _same_unsafe(a: tuple[Halfspaces, ...], b: tuple[Halfspaces, ...]) -> bool:
 
 def read_vnnlib(path: str | Path) -> Property:
     """Parse a VNN-LIB file; a missing file or bad content raises :class:`PropertyFileError`."""
-    p = Path(path)
+    p = resolve(path)
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bytes(p).decode()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise PropertyFileError(f"cannot read VNN-LIB file {str(p)!r}: {exc}") from exc
     return parse_vnnlib(text, source=str(p))
 
@@ -535,3 +536,15 @@ def _halfspaces(atoms: list[_Atom], n_out: int) -> Halfspaces:
         bound = 0.0 - atom.expr.const
         b[r] = bound if atom.expr.exact else np.nextafter(bound, np.inf)
     return Halfspaces(a_rows, b)
+
+
+#: The VNN-COMP results-file word for each verification status.
+RESULT_WORD = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timeout"}
+
+
+def results_text(status: str, x: np.ndarray | None = None, y: np.ndarray | None = None) -> str:
+    """The VNN-COMP results file for ``status`` (``"error"`` included)."""
+    if status != "sat":
+        return RESULT_WORD.get(status, status) + "\n"
+    rows = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
+    return "sat\n(" + "\n ".join(rows) + ")\n"

@@ -45,6 +45,7 @@ from polytope.bounds.conjunction import conjunction_bound
 from polytope.bounds.dual import DualNetwork
 from polytope.bounds.precision import ROUNDING_SAFETY, magnitude_bound
 from polytope.model.errors import ModelFileError, PropertyMismatchError, ShapeMismatchError, SolverError
+from polytope.model.files import read_bytes
 from polytope.model.network import Network, as_float64, numel
 from polytope.model.sets import Box
 from polytope.verifiers.attacks import pgd_in_set
@@ -109,14 +110,14 @@ class _Deadline:
 class _Replay:
     """onnxruntime on the original file: input name, shape and dtype read from the session."""
 
-    def __init__(self, onnx_path: str | Path) -> None:
+    def __init__(self, onnx_bytes: bytes) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.name = inp.name
         self.shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
@@ -361,7 +362,7 @@ def verify(
     deadline = _Deadline(timeout)
     shape = check_property(net, prop, in_shape)
     net64 = as_float64(net)
-    replay = _Replay(onnx_path) if onnx_path is not None else None
+    replay = _Replay(read_bytes(onnx_path)) if onnx_path is not None else None
     dtype = replay.dtype if replay is not None else np.float64
     say = log or (lambda _msg: None)
     jobs = [(ci, ji, _Conjunction(net64, shape, case.lo, case.hi, hs.A, hs.b, replay, dtype))
