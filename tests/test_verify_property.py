@@ -166,3 +166,25 @@ def test_the_milp_rung_finds_and_checks_counterexamples() -> None:
         if result.status == "sat":
             assert np.all(A.numpy() @ result.counterexample.y <= b.numpy())
     assert "milp" in methods
+
+
+@fast(12)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.05, 0.3, 1.0]), st.booleans())
+def test_the_bab_rung_agrees_with_the_milp_on_one_row_conjunctions(seed: int, shift: float, below: bool) -> None:
+    """Branch and bound on a one-row conjunction: ``unsat`` only above the exact minimum's zero, ``sat`` only with a
+    point that satisfies the row in float64, and decided whenever the exact minimum is clear of zero."""
+    g = torch.Generator().manual_seed(seed)
+    net = pt.Network.from_torch(build_fc(2, [8, 6], 3, seed))
+    lo = torch.rand(2, generator=g, dtype=DTYPE) - 0.5
+    hi = lo + 0.3 + 0.5 * torch.rand(2, generator=g, dtype=DTYPE)
+    box = pt.Box(lo, hi)
+    a = torch.randn(1, 3, generator=g, dtype=DTYPE)
+    exact_min = pt.ExactMILP(net, box.centre(), box).solve(a[0]).value
+    b = torch.tensor([exact_min + (shift if not below else -shift)], dtype=DTYPE)  # sat when b >= the minimum
+    job = vp._Conjunction(pt.Network.from_torch(build_fc(2, [8, 6], 3, seed)), (2,), lo.numpy(), hi.numpy(),
+                          a.numpy(), b.numpy(), None, np.float64)
+    status, _, cex = job.prove("bab", vp._Deadline(30.0), 2000)
+    assert status == ("sat" if not below else "unsat"), (seed, exact_min, float(b))
+    if status == "sat":
+        assert np.all(cex.x >= lo.numpy()) and np.all(cex.x <= hi.numpy())
+        assert float(a.numpy()[0] @ cex.y) <= float(b)

@@ -5,8 +5,9 @@ A property (:class:`polytope.io.vnnlib.Property`, or anything with the same ``ca
 one of its conjunctions ``(A, b)``.  Each conjunction is attacked first (PGD in the box on
 ``max_i (A_i f(x) - b_i)``), then climbed through the proofs, cheapest first: the per-row dual bounds
 with fixed and adaptive slopes, :func:`~polytope.bounds.conjunction.conjunction_bound` (``lambda`` and
-the slopes optimised), the relaxed LP and the exact MILP (:meth:`~polytope.solvers.milp.ExactMILP.solve_max`),
-each with the time left.
+the slopes optimised), the relaxed LP, branch and bound (:func:`~polytope.verifiers.bab.verify_bab`, for
+one-row conjunctions: input splitting on few inputs, ReLU splitting otherwise) and the exact MILP
+(:meth:`~polytope.solvers.milp.ExactMILP.solve_max`), each with the time left.
 
 Float policy: everything runs in float64 (the network is converted with
 :func:`~polytope.model.network.as_float64`), whatever the network's dtype; a bound proves a conjunction
@@ -93,7 +94,7 @@ class VerifyResult:
     details: list[ConjunctionResult] = field(default_factory=list)
 
 
-_LADDER = ("dual", "attack", "adaptive", "optimized", "lp", "milp")
+_LADDER = ("dual", "attack", "adaptive", "optimized", "lp", "bab", "milp")
 
 
 class _Deadline:
@@ -216,7 +217,40 @@ class _Conjunction:
                 return "timeout", math.nan, None
             ok = res.status == "optimal" and res.value > self.solver_margin
             return ("unsat" if ok else "unknown"), res.value, None
+        if method == "bab":
+            return self._bab(deadline)
         return self._milp(deadline, milp_max_unstable)
+
+    def _bab(self, deadline: _Deadline) -> tuple[str, float, Any]:
+        """Branch and bound (:func:`polytope.verifiers.bab.verify_bab`) on a one-row conjunction ``a^T y <= b``.
+
+        The network gets the head ``y -> (a^T y - b - margin, 0)``: class 0 beats class 1 everywhere exactly
+        when ``a^T f(x) - b > margin`` on the box (unreachable, clearing the dual rounding margin), and a point
+        where it does not is a candidate, replayed like every other.  Conjunctions of several rows are left to
+        the MILP (``max_i`` is not one margin).
+        """
+        if self.A.shape[0] != 1 or deadline.left() <= 0.05:
+            return "unknown", math.nan, None
+        from torch import nn
+
+        from polytope.verifiers.bab import BaBOptions, verify_bab
+
+        head = nn.Linear(self.A.shape[1], 2).to(torch.float64)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[0] = self.A[0]
+            head.bias.copy_(torch.tensor([-float(self.b[0]) - self.dual_margin, 0.0], dtype=torch.float64))
+        for p in head.parameters():
+            p.requires_grad_(False)
+        net = Network.from_torch(nn.Sequential(*self.net64.module, nn.Flatten(), head))
+        res = verify_bab(net, self.x, 0, self.box, [1], BaBOptions(time_limit=max(deadline.left(), 0.05)))
+        if res.status == "certified":
+            return "unsat", res.bound + self.dual_margin, None
+        if res.status == "not_robust" and res.counterexample is not None:
+            cex = self.check(np.asarray(res.counterexample, np.float64))
+            if cex is not None:
+                return "sat", math.nan, cex
+        return ("timeout" if res.status == "timeout" or deadline.passed() else "unknown"), res.bound, None
 
     def _milp(self, deadline: _Deadline, max_unstable: int) -> tuple[str, float, Any]:
         from polytope.solvers.milp import ExactMILP
