@@ -91,11 +91,10 @@ def conjunction_bound(
         done = stale[active] >= patience
         if until_positive:
             done |= best[active] > 0
-        if done.all():
+        remaining = adam.drop_finished(active, done)
+        if remaining is None:
             break
-        if done.any():
-            adam.keep(~done)
-            active = active[~done]
+        active = remaining
         leaves = adam.leaves()
         w, bounds_alpha, obj_alpha = leaves[0], leaves[1:1 + n_bounds], leaves[1 + n_bounds:]
         with torch.enable_grad():

@@ -49,6 +49,16 @@ class _ProjectedAdam:
             step = self.lr * (m / (1 - b1**self.t)) / ((v / (1 - b2**self.t)).sqrt() + self.eps)
             p.add_(step).clamp_(0.0, hi)
 
+    def drop_finished(self, active: torch.Tensor, done: torch.Tensor) -> torch.Tensor | None:
+        """The batch's ``active`` example indices without the ``done`` ones (their state leaves too);
+        ``None`` when every one is done."""
+        if done.all():
+            return None
+        if done.any():
+            self.keep(~done)
+            active = active[~done]
+        return active
+
     def keep(self, rows: torch.Tensor) -> None:
         """Restrict the batch to ``rows`` (a boolean mask over the current examples)."""
         self.params = [p[rows] for p in self.params]
@@ -143,12 +153,10 @@ def optimize_slopes(
         return done
 
     for _ in range(steps):
-        done = finished()
-        if done.all():
+        remaining = adam.drop_finished(active, finished())
+        if remaining is None:
             break
-        if done.any():
-            adam.keep(~done)
-            active = active[~done]
+        active = remaining
         leaves = adam.leaves()
         with torch.enable_grad():
             dual = DualNetwork(net, x[active], input_set.subset(x.shape[0], active), slopes=leaves[:n_bounds])
