@@ -26,6 +26,7 @@ fails is reported as failed, with its error, and the suite goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -361,6 +362,8 @@ def row_b1_alone(s: Suite, bs: int) -> list[Row]:
             t.failed[side] = describe_failure(exc)
             continue
         try:
+            if side not in s.info:
+                s.info[side] = w.request("info", 60)
             for lo, hi, i, saved in b1_schedule(s.args, bs):
                 certify_request(s, w, t, side, lo, hi, s.tmp / f"J-alone-{side}-{bs}-{i}.pt" if saved else None)
             if side not in t.failed:
@@ -410,6 +413,8 @@ def b1_rows(s: Suite, mode: str, bs: int, t: B1Timings) -> list[Row]:
     j = {side: torch.cat([torch.load(p) for p in t.out[side]]) for side in ok_sides}
     n_cert = {side: int(certified(j[side], y).sum()) for side in ok_sides}
     tag = {"paired": "B1", "alone": "B1A", "interleaved": "B1I"}[mode]
+    with contextlib.suppress(ValueError, IndexError):  # "unknown" load: no metric
+        s.metric(f"{tag}-bs{bs}", "load_1min_at_start", "machine", float(s.row_load.split()[0]), "")
     for side in ok_sides:
         s.metric(f"{tag}-bs{bs}", "throughput", side, rate[side], "images/s")
         s.metric(f"{tag}-bs{bs}", "median_s_per_image", side, med[side], "s")
@@ -872,7 +877,8 @@ def in_process_line(s: Suite) -> str:
 def write_report(s: Suite, started: str, load_start: str, seconds: float) -> None:
     a = s.args
     m = machine_info()
-    pinfo, rinfo = s.info.get("polytope", {}), s.info.get("reference", {})
+    both = s.info.get("both", {})
+    pinfo, rinfo = s.info.get("polytope", both.get("polytope", {})), s.info.get("reference", both.get("reference", {}))
     lines = [
         "# Benchmarks: polytope vs the reference implementation",
         "",
@@ -885,8 +891,8 @@ def write_report(s: Suite, started: str, load_start: str, seconds: float) -> Non
         f"- CPU (lscpu \"Model name\"): {m['cpu']}; nproc = {m['nproc']}; memory {m['memory']}; {m['platform']}",
         f"- date: {started}; commit {git_rev()}",
         f"- load average (1/5/15 min) at start: {load_start}; at end: {loadavg()}"
-        + (f"; each timed row waited for a 1-minute load below {a.wait_load:g} (up to "
-           f"{a.wait_max / 60:.0f} min; the load at each row's start is in its notes)" if a.wait_load > 0 else ""),
+        + (f"; each group of timed rows (B1A, B1I, B1, ...) waited for a 1-minute load below {a.wait_load:g} (up "
+           f"to {a.wait_max / 60:.0f} min; the load at each row's start is in its notes)" if a.wait_load > 0 else ""),
         "- glibc malloc tunables: "
         + (", ".join(f"`{k}={v}`" for k, v in MALLOC_TUNABLES.items()) if a.malloc_tunables else "glibc defaults "
            "(`--malloc-tunables` not given)"),
@@ -1121,8 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(tmp, a.images, a.arch, a.model)
         s = Suite(a, tmp, data, ref_python, ref_error, overlay_error)
 
-        def run(rid: str, fn: Callable[[], list[Row]], what: str) -> None:
-            s.row_load = wait_for_quiet(a.wait_load, a.wait_max)
+        def run(rid: str, fn: Callable[[], list[Row]], what: str, wait: bool = True) -> None:
+            # --wait-load: once per group of rows (the workers' own load would hold up the next row)
+            s.row_load = wait_for_quiet(a.wait_load, a.wait_max) if wait else loadavg()
             start = time.perf_counter()
             try:
                 rows = fn()
@@ -1144,19 +1151,21 @@ def main(argv: list[str] | None = None) -> int:
             for tag, fn in (("B1A", row_b1_alone), ("B1I", row_b1_interleaved)):
                 if tag in wanted:
                     mode = "alone" if tag == "B1A" else "interleaved"
-                    for bs in sizes:
-                        run(f"{tag} bs={bs}", lambda fn=fn, bs=bs: fn(s, bs), f"certify, batch {bs}, {MODES[mode]}")
+                    for k, bs in enumerate(sizes):
+                        run(f"{tag} bs={bs}", lambda fn=fn, bs=bs: fn(s, bs), f"certify, batch {bs}, {MODES[mode]}",
+                            wait=k == 0)
                     if len(sizes) > 1:
-                        run(f"{tag} best", lambda mode=mode: row_b1_best(s, mode), "best batch size per side")
+                        run(f"{tag} best", lambda mode=mode: row_b1_best(s, mode), "best batch size per side", False)
             if "B1" in wanted or "B5" in wanted:
                 for i, bs in enumerate(sizes):
                     run(
                         f"B1 bs={bs}",
                         lambda bs=bs, i=i: row_b1(s, bs, memory=(i == 0 and "B5" in wanted)),
                         f"certify, batch {bs}",
+                        wait=i == 0,
                     )
                 if len(sizes) > 1:
-                    run("B1 best", lambda: row_b1_best(s), "best batch size per side")
+                    run("B1 best", lambda: row_b1_best(s), "best batch size per side", False)
             if "B6" in wanted:
                 run("B6", lambda: row_b6(s), "arithmetic rate")
             if "P" in wanted:
