@@ -31,6 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-ref"
 STAMP = ".polytope-bench-stamp.json"
+#: convex_adversarial alone (``pip install --no-deps --target``), for the in-process rows: put on
+#: PYTHONPATH next to the project, it runs on the project's own torch and numpy.
+OVERLAY = HERE / ".ca-overlay"
+OVERLAY_REQUIREMENT = "convex_adversarial==0.4.4"
 
 REQUIREMENTS: tuple[str, ...] = ("torch==2.13.0", "convex_adversarial==0.4.4", "numpy>=1.24,<3")
 
@@ -72,10 +76,14 @@ def _package_dir(python: Path) -> Path:
 
 def apply_fixes(python: Path) -> list[str]:
     """Apply :data:`FIXES` to the installed package; returns what was done (idempotent)."""
-    done = []
     if not FIXES:
-        return done
-    pkg = _package_dir(python)
+        return []
+    return _apply_fixes_at(_package_dir(python))
+
+
+def _apply_fixes_at(pkg: Path) -> list[str]:
+    """:data:`FIXES` applied to the convex_adversarial package directory ``pkg``."""
+    done = []
     for rel, old, new in FIXES:
         path = pkg / rel
         text = path.read_text()
@@ -121,6 +129,34 @@ def ensure(venv: Path = VENV, force: bool = False, log: Callable[[str], None] = 
     (venv / STAMP).write_text(json.dumps({"digest": _digest(), "requirements": REQUIREMENTS}, indent=1))
     log(f"reference env: ready (torch {check.stdout.strip()})")
     return python
+
+
+def ensure_overlay(overlay: Path = OVERLAY, log: Callable[[str], None] = print) -> Path:
+    """``overlay`` holding :data:`OVERLAY_REQUIREMENT` only, installed with this interpreter's pip; returns it.
+
+    :data:`FIXES` are applied there too, so that both ways of running the reference see the same code.
+    """
+    stamp = overlay / STAMP
+    try:
+        if json.loads(stamp.read_text()).get("digest") == _digest():
+            return overlay
+    except (OSError, ValueError):
+        pass
+    if overlay.exists():
+        shutil.rmtree(overlay)
+    log(f"convex_adversarial overlay: pip install --no-deps --target {overlay} {OVERLAY_REQUIREMENT}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--target",
+         str(overlay), OVERLAY_REQUIREMENT],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install --target {overlay} failed:\n{proc.stderr[-2000:]}")
+    for line in _apply_fixes_at(overlay / "convex_adversarial"):
+        log(f"convex_adversarial overlay: fix {line}")
+    stamp.write_text(json.dumps({"digest": _digest(), "requirement": OVERLAY_REQUIREMENT}, indent=1))
+    return overlay
 
 
 def main() -> None:

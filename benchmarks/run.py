@@ -9,6 +9,13 @@ subprocess (``benchmarks/worker.py``) that loads the same model and images from 
 file and times its own computation; requests alternate between the two sides batch by batch,
 so that a change in machine load hits both alike, and figures are medians.
 
+Fairness (issue 20): no harness step runs between timed calls (no memory trimming; the glibc
+MALLOC_* tunables only with ``--malloc-tunables``); ``B1A`` times each side alone in a fresh
+process, ``B1I`` both libraries in one process, alternating call by call; each ``best`` row takes
+each side at its own fastest batch size.  ``--arch``/``--model`` run the B1 rows on another
+network of ``benchmarks/archs.py`` (weights from ``benchmarks/train_archs.py``); ``--wait-load``
+waits for a quiet machine before each row.
+
 Rows: B1 certification throughput (batch 1, 50, 500), B2 one robust-training step, B3 the
 exact LP of one example four ways, B4 a Figure-6 outer polygon, B5 peak memory, B6 arithmetic
 rate against the machine's matmul rate, B7 GPU, L* the certify ladder (dual / adaptive /
@@ -19,6 +26,7 @@ fails is reported as failed, with its error, and the suite goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -42,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import ref_env  # noqa: E402  (benchmarks/ is not a package)
+import archs  # noqa: E402  (benchmarks/ is not a package)
+import ref_env  # noqa: E402
 
 EPS = 0.1
 TARGETS = {"B1": 10.0, "B2": 3.0}
@@ -58,16 +67,25 @@ class WorkerError(RuntimeError):
 
 
 MALLOC_TUNABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
-"""glibc malloc settings for both workers.  With the defaults, a fresh process that has never freed
-a large block hands every freed buffer of a few MB back to the kernel and page-faults it in again
-on the next call (measured: 50,000 minor faults and 30% of polytope's time per B1 batch of 50);
-a process that loaded a dataset first does not.  Both sides get the same settings."""
+"""glibc malloc settings, given to every worker only with ``--malloc-tunables`` (default off: a user
+does not set them, and issue 20 asks for each side in the state a user would see).  With glibc's
+defaults a fresh process hands freed buffers of a few MB back to the kernel and page-faults them in
+again on the next call; these settings keep them mapped."""
 
 
 class Worker:
     """A ``worker.py`` subprocess spoken to by JSON lines."""
 
-    def __init__(self, side: str, python: str, data: Path, logdir: Path, threads: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        side: str,
+        python: str,
+        data: Path,
+        logdir: Path,
+        threads: int,
+        device: str = "cpu",
+        malloc_tunables: bool = False,
+    ) -> None:
         self.side = side
         self.log_path = logdir / f"{side}-{device}-{int(time.time() * 1000)}.log"
         self._log = self.log_path.open("w")
@@ -75,10 +93,13 @@ class Worker:
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if side == "polytope":
             paths.insert(0, str(ROOT))
+        elif side == "both":  # the project's environment plus the convex_adversarial overlay
+            paths[:0] = [str(ROOT), str(ref_env.OVERLAY)]
         else:  # the reference environment must not see the project
             paths = [p for p in paths if Path(p).resolve() != ROOT]
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        env.update(MALLOC_TUNABLES)
+        if malloc_tunables:
+            env.update(MALLOC_TUNABLES)
         cmd = [python, str(HERE / "worker.py"), "--side", side, "--data", str(data), "--threads", str(threads)]
         cmd += ["--device", device]
         self.proc = subprocess.Popen(
@@ -165,12 +186,16 @@ class Suite:
     data: Path
     ref_python: str | None
     ref_error: str | None
+    overlay_error: str | None = None
     rows: list[Row] = field(default_factory=list)
     metrics: list[tuple[str, str, str, float, str]] = field(default_factory=list)
     workers: dict[str, Worker] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     b1: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> side -> median s/image
+    #: the same for the fairness rows: mode ("alone", "interleaved") -> batch -> side -> median s/image
+    b1_modes: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
+    row_load: str = "unknown"  # the load average when the current row started
     flops_detail: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, row: str, name: str, side: str, value: float, unit: str) -> None:
@@ -180,13 +205,18 @@ class Suite:
     def python_for(self, side: str) -> str:
         if side == "polytope":
             return sys.executable
+        if side == "both":
+            if self.overlay_error:
+                raise WorkerError(f"convex_adversarial overlay unavailable: {self.overlay_error}")
+            return sys.executable
         if self.ref_python is None:
             raise WorkerError(f"reference environment unavailable: {self.ref_error}")
         return self.ref_python
 
     def fresh(self, side: str, device: str = "cpu") -> Worker:
         """A new worker process (for peak-memory figures that must not include earlier rows)."""
-        return Worker(side, self.python_for(side), self.data, self.tmp, self.args.threads, device)
+        a = self.args
+        return Worker(side, self.python_for(side), self.data, self.tmp, a.threads, device, a.malloc_tunables)
 
     def worker(self, side: str) -> Worker:
         w = self.workers.get(side)
@@ -235,158 +265,246 @@ def describe_failure(exc: Exception) -> str:
     return text
 
 
-def row_b1_best(s: Suite) -> list[Row]:
-    """The issue's B1 figure: each side at its own best batch size (from the B1 rows above)."""
-    best = {}
-    for side in ("polytope", "reference"):
-        rates = {bs: 1.0 / med[side] for bs, med in s.b1.items() if side in med}
-        if not rates:
-            raise WorkerError(f"no B1 timing for {side}")
-        best[side] = max(rates.items(), key=lambda kv: kv[1])
-    speedup = best["polytope"][1] / best["reference"][1]
-    s.metric("B1-best", "speedup", "polytope/reference", speedup, "x")
-    row = Row(
-        "B1 best",
-        "certify, each side at its own best batch size (images/s)",
-        f"{fmt(best['polytope'][1])} (batch {best['polytope'][0]})",
-        f"{fmt(best['reference'][1])} (batch {best['reference'][0]})",
-    )
-    row.ratio = f"{speedup:.2f}x"
-    row.target = f">= {TARGETS['B1']:g}x: {'met' if speedup >= TARGETS['B1'] else 'NOT met'}"
-    row.notes = "from the B1 rows' medians; the issue compares each side at its own best batch size"
-    return [row]
+SIDES = ("polytope", "reference")
+MODES = {
+    "paired": "two worker processes, requests alternating batch by batch",
+    "alone": "each side alone in a fresh process (nothing else of the harness running)",
+    "interleaved": "both libraries in one process, alternating call by call on the same batches",
+}
+
+
+def b1_batches(a: argparse.Namespace, bs: int) -> tuple[int, list[tuple[int, int]]]:
+    """The images of a B1 row at batch ``bs`` and its batches (the first batch is timed ``repeats`` more times)."""
+    n = min(a.single_images if bs == 1 else a.images, a.images)
+    return n, [(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
+
+
+@dataclass
+class B1Timings:
+    """What a B1 row measured, per side: seconds per image of each timed call, the J files, failures."""
+
+    per_image: dict[str, list[float]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    cpu_image: dict[str, list[float]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIDES, 0.0))
+    out: dict[str, list[Path]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    failed: dict[str, str] = field(default_factory=dict)
+    peak: dict[str, float] = field(default_factory=dict)
+    base: dict[str, float] = field(default_factory=dict)
+
+    def add(self, side: str, answer: dict[str, Any], size: int, path: Path | None) -> None:
+        self.per_image[side].append(answer["seconds"] / size)
+        self.cpu_image[side].append(answer["cpu_seconds"] / size)
+        if path is not None:
+            self.totals[side] += answer["seconds"]
+            self.out[side].append(path)
+
+
+def certify_request(s: Suite, w: Worker | None, t: B1Timings, side: str, lo: int, hi: int, path: Path | None) -> None:
+    """One timed B1 call of ``side`` on ``[lo, hi)``; a failure is recorded and ends that side's row."""
+    if side in t.failed:
+        return
+    try:
+        r = w.request("certify", s.args.timeout, start=lo, stop=hi, eps=s.args.eps, out=str(path) if path else None)
+    except WorkerError as exc:
+        t.failed[side] = f"batch [{lo}, {hi}): {describe_failure(exc)}"
+        return
+    t.add(side, r, hi - lo, path)  # w is set whenever side has not failed
+
+
+def b1_schedule(a: argparse.Namespace, bs: int) -> list[tuple[int, int, int, bool]]:
+    """``(lo, hi, index, saved)`` for each timed call: every batch once (saved), then ``repeats`` of the first."""
+    _n, batches = b1_batches(a, bs)
+    calls = [(lo, hi, i, True) for i, (lo, hi) in enumerate(batches)]
+    return calls + [(*batches[0], len(batches) + k, False) for k in range(a.repeats)]
 
 
 def row_b1(s: Suite, bs: int, memory: bool = False) -> list[Row]:
-    """Certification throughput at batch ``bs``: both sides on the same batches, alternating.
+    """Certification throughput at batch ``bs``: two long-lived workers on the same batches, alternating.
 
     A side that fails (say, killed for memory at a large batch) is reported as failed in the
     row; the other side's figures are still reported.
     """
-    import torch
-
-    a = s.args
-    n = min(a.single_images if bs == 1 else a.images, a.images)
-    batches = [(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
-    sides = ("polytope", "reference")
     if memory:  # fresh processes, so the peak belongs to this row
-        for side in sides:
+        for side in SIDES:
             if side in s.workers:
                 s.workers.pop(side).close()
-    failed: dict[str, str] = {}
+    t = B1Timings()
     workers: dict[str, Worker] = {}
-    for side in sides:
+    for side in SIDES:
         try:
             workers[side] = s.worker(side)
         except WorkerError as exc:
-            failed[side] = describe_failure(exc)
-    per_image: dict[str, list[float]] = {side: [] for side in sides}
-    cpu_image: dict[str, list[float]] = {side: [] for side in sides}
-    totals = dict.fromkeys(sides, 0.0)
-    out: dict[str, list[Path]] = {side: [] for side in sides}
-    peak: dict[str, float] = {}
-
-    def measure(side: str, lo: int, hi: int, path: Path | None) -> None:
-        if side in failed:
-            return
-        try:
-            r = workers[side].request("certify", a.timeout, start=lo, stop=hi, eps=EPS, out=str(path) if path else None)
-        except WorkerError as exc:
-            failed[side] = f"batch [{lo}, {hi}): {describe_failure(exc)}"
-            return
-        per_image[side].append(r["seconds"] / (hi - lo))
-        cpu_image[side].append(r["cpu_seconds"] / (hi - lo))
-        if path is not None:
-            totals[side] += r["seconds"]
-            out[side].append(path)
-
-    for i, (lo, hi) in enumerate(batches):
-        for side in sides if i % 2 == 0 else sides[::-1]:
-            measure(side, lo, hi, s.tmp / f"J-{side}-{bs}-{i}.pt")
-    for k in range(a.repeats):  # extra timings of the first batch
-        for side in sides if k % 2 else sides[::-1]:
-            measure(side, *batches[0], None)
+            t.failed[side] = describe_failure(exc)
+    for lo, hi, i, saved in b1_schedule(s.args, bs):
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            path = s.tmp / f"J-paired-{side}-{bs}-{i}.pt" if saved else None
+            certify_request(s, workers.get(side), t, side, lo, hi, path)
     if memory:
-        for side in sides:
-            if side not in failed:
-                peak[side] = workers[side].request("maxrss", 60)["maxrss_mib"]
-    ok_sides = [side for side in sides if side not in failed]
-    if not ok_sides:
-        raise WorkerError("; ".join(f"{side}: {msg}" for side, msg in failed.items()))
+        for side in SIDES:
+            if side not in t.failed:
+                t.peak[side] = workers[side].request("maxrss", 60)["maxrss_mib"]
+                t.base[side] = workers[side].ready["maxrss_mib"]
+    return b1_rows(s, "paired", bs, t)
 
-    med = {side: statistics.median(per_image[side]) for side in ok_sides}
-    cpu_med = {side: statistics.median(cpu_image[side]) for side in ok_sides}
-    s.b1[bs] = med
+
+def row_b1_alone(s: Suite, bs: int) -> list[Row]:
+    """B1 at batch ``bs`` with each side alone: a fresh worker, its batches, closed before the other starts.
+
+    No other worker of the harness is alive meanwhile, so any effect of the harness or of the
+    other side (memory, caches, threads) is absent; the peak RSS of each process is this row's.
+    """
+    s.close()
+    t = B1Timings()
+    for side in SIDES:
+        try:
+            w = s.fresh(side)
+        except WorkerError as exc:
+            t.failed[side] = describe_failure(exc)
+            continue
+        try:
+            if side not in s.info:
+                s.info[side] = w.request("info", 60)
+            for lo, hi, i, saved in b1_schedule(s.args, bs):
+                certify_request(s, w, t, side, lo, hi, s.tmp / f"J-alone-{side}-{bs}-{i}.pt" if saved else None)
+            if side not in t.failed:
+                t.peak[side] = w.request("maxrss", 60)["maxrss_mib"]
+                t.base[side] = w.ready["maxrss_mib"]
+        finally:
+            w.close()
+    return b1_rows(s, "alone", bs, t)
+
+
+def row_b1_interleaved(s: Suite, bs: int) -> list[Row]:
+    """B1 at batch ``bs`` with both libraries in one process, alternating which goes first on each batch."""
+    s.close()
+    t = B1Timings()
+    try:
+        w = s.fresh("both")
+    except WorkerError as exc:
+        raise WorkerError(f"in-process worker: {describe_failure(exc)}") from exc
+    try:
+        if "both" not in s.info:
+            s.info["both"] = w.request("info", 60)
+        for lo, hi, i, saved in b1_schedule(s.args, bs):
+            order = list(SIDES if i % 2 == 0 else SIDES[::-1])
+            outs = {side: str(s.tmp / f"J-inproc-{side}-{bs}-{i}.pt") for side in SIDES} if saved else None
+            r = w.request("certify", s.args.timeout, start=lo, stop=hi, eps=s.args.eps, order=order, out=outs)
+            for side in SIDES:
+                t.add(side, r[side], hi - lo, Path(outs[side]) if outs else None)
+    finally:
+        w.close()
+    return b1_rows(s, "interleaved", bs, t)
+
+
+def b1_rows(s: Suite, mode: str, bs: int, t: B1Timings) -> list[Row]:
+    """The row (and, with peaks, the B5 row) of a B1 measurement; certified sets and J are compared."""
+    import torch
+
+    a = s.args
+    n, _batches = b1_batches(a, bs)
+    ok_sides = [side for side in SIDES if side not in t.failed]
+    if not ok_sides:
+        raise WorkerError("; ".join(f"{side}: {msg}" for side, msg in t.failed.items()))
+    med = {side: statistics.median(t.per_image[side]) for side in ok_sides}
+    cpu_med = {side: statistics.median(t.cpu_image[side]) for side in ok_sides}
+    (s.b1 if mode == "paired" else s.b1_modes.setdefault(mode, {}))[bs] = med
     rate = {side: 1.0 / med[side] for side in ok_sides}
     y = torch.load(s.data)["y"][:n]
-    j = {side: torch.cat([torch.load(p) for p in out[side]]) for side in ok_sides}
+    j = {side: torch.cat([torch.load(p) for p in t.out[side]]) for side in ok_sides}
     n_cert = {side: int(certified(j[side], y).sum()) for side in ok_sides}
+    tag = {"paired": "B1", "alone": "B1A", "interleaved": "B1I"}[mode]
+    with contextlib.suppress(ValueError, IndexError):  # "unknown" load: no metric
+        s.metric(f"{tag}-bs{bs}", "load_1min_at_start", "machine", float(s.row_load.split()[0]), "")
     for side in ok_sides:
-        s.metric(f"B1-bs{bs}", "throughput", side, rate[side], "images/s")
-        s.metric(f"B1-bs{bs}", "median_s_per_image", side, med[side], "s")
-        s.metric(f"B1-bs{bs}", "total_s", side, totals[side], "s")
-        s.metric(f"B1-bs{bs}", "certified", side, n_cert[side], "images")
+        s.metric(f"{tag}-bs{bs}", "throughput", side, rate[side], "images/s")
+        s.metric(f"{tag}-bs{bs}", "median_s_per_image", side, med[side], "s")
+        s.metric(f"{tag}-bs{bs}", "total_s", side, t.totals[side], "s")
+        s.metric(f"{tag}-bs{bs}", "certified", side, n_cert[side], "images")
 
     def cell(side: str) -> str:
-        return fmt(rate[side]) if side in rate else f"FAILED ({failed[side]})"
+        return fmt(rate[side]) if side in rate else f"FAILED ({t.failed[side]})"
 
-    row = Row(
-        f"B1 bs={bs}",
-        f"certify, eps={EPS}, {n} images, batch {bs} (images/s)",
-        cell("polytope"),
-        cell("reference"),
-    )
-    timings = f"{len(per_image[ok_sides[0]])} timings per side (each batch once + {a.repeats} repeat(s) of the first)"
+    row = Row(f"{tag} bs={bs}", f"certify, eps={a.eps}, {n} images, batch {bs}, {MODES[mode]} (images/s)",
+              cell("polytope"), cell("reference"))
+    timings = f"{len(t.per_image[ok_sides[0]])} timings per side (each batch once + {a.repeats} repeat(s) of the first)"
+    load = f"load average at the row's start {s.row_load}"
     if len(ok_sides) == 2:
         speedup = rate["polytope"] / rate["reference"]
         cpu_speedup = cpu_med["reference"] / cpu_med["polytope"]
         diff = float((j["polytope"] - j["reference"]).abs().max())
         same = bool(torch.equal(certified(j["polytope"], y), certified(j["reference"], y)))
         ok = same and diff <= 1e-4
-        s.metric(f"B1-bs{bs}", "speedup", "polytope/reference", speedup, "x")
-        s.metric(f"B1-bs{bs}", "cpu_time_speedup", "polytope/reference", cpu_speedup, "x")
-        s.metric(f"B1-bs{bs}", "max_abs_dJ", "both", diff, "")
+        s.metric(f"{tag}-bs{bs}", "speedup", "polytope/reference", speedup, "x")
+        s.metric(f"{tag}-bs{bs}", "cpu_time_speedup", "polytope/reference", cpu_speedup, "x")
+        s.metric(f"{tag}-bs{bs}", "max_abs_dJ", "both", diff, "")
         row.ratio = f"{speedup:.2f}x"
         row.check = (
             f"{'ok' if ok else 'MISMATCH'}: certified sets {'identical' if same else 'DIFFER'} "
             f"({n_cert['polytope']}/{n} vs {n_cert['reference']}/{n}), max|dJ| = {diff:.1e}"
         )
         row.notes = (
-            f"{timings}; CPU-time speed-up {cpu_speedup:.2f}x; "
-            f"total over the {n} images: {fmt(totals['polytope'])} s vs {fmt(totals['reference'])} s"
+            f"{timings}; CPU-time speed-up {cpu_speedup:.2f}x; total over the {n} images: "
+            f"{fmt(t.totals['polytope'])} s vs {fmt(t.totals['reference'])} s; {load}"
         )
     else:
         side = ok_sides[0]
         row.check = f"no comparison; {side}: {n_cert[side]}/{n} certified"
-        row.notes = f"{timings}; {side} total over the {n} images: {fmt(totals[side])} s"
+        row.notes = f"{timings}; {side} total over the {n} images: {fmt(t.totals[side])} s; {load}"
     rows = [row]
-    if memory:
-        base = {side: workers[side].ready["maxrss_mib"] for side in peak}
-        for side in peak:
-            s.metric("B5-B1", "maxrss", side, peak[side], "MiB")
-            s.metric("B5-B1", "maxrss_increase", side, peak[side] - base[side], "MiB")
-
-        def mem(side: str) -> str:
-            if side in peak:
-                return f"{fmt(peak[side])} (+{fmt(peak[side] - base[side])})"
-            return f"FAILED ({failed[side]})"
-
-        ratio = ""
-        if len(peak) == 2:
-            p, r = peak["polytope"], peak["reference"]
-            ratio = f"polytope uses {r / p:.2f}x less" if p <= r else f"polytope uses {p / r:.2f}x more"
-        rows.append(
-            Row(
-                f"B5 B1 bs={bs}",
-                f"peak RSS of a fresh process running B1 at batch {bs} (MiB)",
-                mem("polytope"),
-                mem("reference"),
-                ratio,
-                notes="ru_maxrss of the worker process; (+x) is the increase over the same process "
-                "after import, model and data load and a 2-image warm-up",
-            )
-        )
+    if t.peak:
+        rows.append(b5_row(s, f"{tag} bs={bs}", bs, t))
     return rows
+
+
+def b5_row(s: Suite, rid: str, bs: int, t: B1Timings) -> Row:
+    """Peak RSS of the processes of a B1 row (fresh processes only)."""
+    for side, peak in t.peak.items():
+        s.metric(f"B5-{rid.replace(' ', '-')}", "maxrss", side, peak, "MiB")
+        s.metric(f"B5-{rid.replace(' ', '-')}", "maxrss_increase", side, peak - t.base[side], "MiB")
+
+    def mem(side: str) -> str:
+        if side in t.peak:
+            return f"{fmt(t.peak[side])} (+{fmt(t.peak[side] - t.base[side])})"
+        return f"FAILED ({t.failed.get(side, 'no figure')})"
+
+    ratio = ""
+    if len(t.peak) == 2:
+        p, r = t.peak["polytope"], t.peak["reference"]
+        ratio = f"polytope uses {r / p:.2f}x less" if p <= r else f"polytope uses {p / r:.2f}x more"
+    return Row(
+        f"B5 {rid}",
+        f"peak RSS of a fresh process running B1 at batch {bs} (MiB)",
+        mem("polytope"),
+        mem("reference"),
+        ratio,
+        notes="ru_maxrss of the worker process; (+x) is the increase over the same process "
+        "after import, model and data load and a 2-image warm-up",
+    )
+
+
+def row_b1_best(s: Suite, mode: str = "paired") -> list[Row]:
+    """The issue's B1 figure: each side at its own best batch size (from the B1 rows of ``mode``)."""
+    table = s.b1 if mode == "paired" else s.b1_modes.get(mode, {})
+    best = {}
+    for side in SIDES:
+        rates = {bs: 1.0 / med[side] for bs, med in table.items() if side in med}
+        if not rates:
+            raise WorkerError(f"no B1 timing for {side} ({mode})")
+        best[side] = max(rates.items(), key=lambda kv: kv[1])
+    speedup = best["polytope"][1] / best["reference"][1]
+    tag = {"paired": "B1", "alone": "B1A", "interleaved": "B1I"}[mode]
+    s.metric(f"{tag}-best", "speedup", "polytope/reference", speedup, "x")
+    row = Row(
+        f"{tag} best",
+        f"certify, each side at its own best batch size of {', '.join(map(str, sorted(table)))}; "
+        f"{MODES[mode]} (images/s)",
+        f"{fmt(best['polytope'][1])} (batch {best['polytope'][0]})",
+        f"{fmt(best['reference'][1])} (batch {best['reference'][0]})",
+    )
+    row.ratio = f"{speedup:.2f}x"
+    row.target = f">= {TARGETS['B1']:g}x: {'met' if speedup >= TARGETS['B1'] else 'NOT met'}"
+    row.notes = f"from the {tag} rows' medians; the issue compares each side at its own best batch size"
+    return [row]
 
 
 def row_b2(s: Suite) -> list[Row]:
@@ -403,7 +521,7 @@ def row_b2(s: Suite) -> list[Row]:
     for i, (lo, hi) in enumerate(batches):
         for side in sides if i % 2 == 0 else sides[::-1]:
             out = str(s.tmp / f"grad-{side}.pt") if i == 0 else None
-            r = workers[side].request("train_step", a.timeout, start=lo, stop=hi, eps=EPS, out=out)
+            r = workers[side].request("train_step", a.timeout, start=lo, stop=hi, eps=a.eps, out=out)
             times[side].append(r["seconds"])
             cpu[side].append(r["cpu_seconds"])
             losses[side].append(r["loss"])
@@ -442,7 +560,7 @@ def row_b2(s: Suite) -> list[Row]:
 def row_b3(s: Suite) -> list[Row]:
     w = s.fresh("polytope")  # fresh: its peak RSS is B3's
     try:
-        r = w.request("lp", s.args.timeout, index=s.args.lp_index, eps=EPS)
+        r = w.request("lp", s.args.timeout, index=s.args.lp_index, eps=s.args.eps)
     finally:
         w.close()
     j = r["J"]
@@ -537,7 +655,7 @@ def row_b6(s: Suite) -> list[Row]:
             s.flops_detail[side] = {"error": "no B1 timing"}
             continue
         try:
-            f = s.worker(side).request("flops", a.timeout, start=0, stop=bs, eps=EPS)
+            f = s.worker(side).request("flops", a.timeout, start=0, stop=bs, eps=a.eps)
         except WorkerError as exc:
             s.flops_detail[side] = {"error": str(exc)}
             continue
@@ -590,7 +708,7 @@ def row_b7(s: Suite) -> list[Row]:
     try:
         for i, (lo, hi) in enumerate(batches + batches[:1] * a.repeats):
             for side in sides if i % 2 == 0 else sides[::-1]:
-                r = workers[side].request("certify", a.timeout, start=lo, stop=hi, eps=EPS)
+                r = workers[side].request("certify", a.timeout, start=lo, stop=hi, eps=a.eps)
                 times[side].append(r["seconds"] / (hi - lo))
     finally:
         for w in workers.values():
@@ -622,7 +740,7 @@ def row_ladder(s: Suite) -> list[Row]:
         runs = {}
         try:
             for bs in a.ladder_batches:
-                runs[bs] = w.request("ladder", a.timeout, method=method, start=0, stop=n, batch=bs, eps=EPS)
+                runs[bs] = w.request("ladder", a.timeout, method=method, start=0, stop=n, batch=bs, eps=a.eps)
         except WorkerError as exc:
             rows.append(Row(f"L {method}", f"pt.certify(method='{method}')", status="failed", notes=str(exc)))
             continue
@@ -644,7 +762,7 @@ def row_ladder(s: Suite) -> list[Row]:
         rows.append(
             Row(
                 f"L {method}",
-                f"pt.certify(method='{method}'), eps={EPS}, batch {min(bs, r['n'])} (its best of "
+                f"pt.certify(method='{method}'), eps={a.eps}, batch {min(bs, r['n'])} (its best of "
                 f"{', '.join(map(str, a.ladder_batches))}), {r['n']} image(s) (images/s)",
                 fmt(rate),
                 "n/a" if ref_rate is None else f"{fmt(ref_rate)} (dual bound, B1 at batch {ref_bs})",
@@ -668,21 +786,32 @@ def reference_best_rate(s: Suite) -> tuple[int | None, float | None]:
 
 
 def row_profile(s: Suite) -> list[Row]:
-    s.profile = s.worker("polytope").request("profile", s.args.timeout, start=0, stop=50, eps=EPS, top=12)
+    s.profile = s.worker("polytope").request("profile", s.args.timeout, start=0, stop=50, eps=s.args.eps, top=12)
     return []
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, str]:
-    info = {"nproc": str(os.cpu_count()), "platform": platform.platform()}
+def cpu_model() -> str:
+    """``lscpu``'s "Model name" (``/proc/cpuinfo``'s "model name" where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+        if names:
+            return names[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-        info["cpu"] = models[0] if models else "unknown"
     except OSError:
-        info["cpu"] = "unknown"
+        return "unknown"
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return models[0] if models else "unknown"
+
+
+def machine_info() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "platform": platform.platform(), "cpu": cpu_model()}
     try:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory"] = f"{int(mem) / 1024**2:.1f} GiB"
@@ -696,6 +825,26 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+def wait_for_quiet(limit: float, max_wait_s: float, poll_s: float = 60.0) -> str:
+    """Sleep (``poll_s`` at a time, ``max_wait_s`` at most) until the 1-minute load average is below ``limit``.
+
+    The machine is shared; a timed row started under load measures the other processes as much
+    as the two libraries.  Returns the load average when the wait ended (``limit <= 0``: no wait).
+    """
+    waited = 0.0
+    while limit > 0 and waited < max_wait_s:
+        try:
+            one = float(loadavg().split()[0])
+        except (ValueError, IndexError):
+            break
+        if one < limit:
+            break
+        log(f"    load average {loadavg()} >= {limit:g}: waiting {poll_s:.0f} s")
+        time.sleep(poll_s)
+        waited += poll_s
+    return loadavg() + (f" (after {waited:.0f} s of waiting)" if waited else "")
 
 
 def git_rev() -> str:
@@ -713,10 +862,23 @@ def esc(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def in_process_line(s: Suite) -> str:
+    both = s.info.get("both")
+    if s.overlay_error:
+        return f"UNAVAILABLE: {s.overlay_error}"
+    if not both:
+        return "not run"
+    ref = both.get("reference", {})
+    return (f"polytope and convex_adversarial {ref.get('convex_adversarial', '?')} (from `benchmarks/.ca-overlay`) in "
+            f"one process of the project's python {ref.get('python', '?')}, torch {ref.get('torch', '?')}, "
+            f"numpy {ref.get('numpy', '?')}, {ref.get('threads', '?')} torch threads")
+
+
 def write_report(s: Suite, started: str, load_start: str, seconds: float) -> None:
     a = s.args
     m = machine_info()
-    pinfo, rinfo = s.info.get("polytope", {}), s.info.get("reference", {})
+    both = s.info.get("both", {})
+    pinfo, rinfo = s.info.get("polytope", both.get("polytope", {})), s.info.get("reference", both.get("reference", {}))
     lines = [
         "# Benchmarks: polytope vs the reference implementation",
         "",
@@ -726,18 +888,25 @@ def write_report(s: Suite, started: str, load_start: str, seconds: float) -> Non
         "",
         "## Machine",
         "",
-        f"- CPU: {m['cpu']}; nproc = {m['nproc']}; memory {m['memory']}; {m['platform']}",
-        f"- load average (1/5/15 min) at start: {load_start}; at end: {loadavg()}",
+        f"- CPU (lscpu \"Model name\"): {m['cpu']}; nproc = {m['nproc']}; memory {m['memory']}; {m['platform']}",
+        f"- date: {started}; commit {git_rev()}",
+        f"- load average (1/5/15 min) at start: {load_start}; at end: {loadavg()}"
+        + (f"; each group of timed rows (B1A, B1I, B1, ...) waited for a 1-minute load below {a.wait_load:g} (up "
+           f"to {a.wait_max / 60:.0f} min; the load at each row's start is in its notes)" if a.wait_load > 0 else ""),
+        "- glibc malloc tunables: "
+        + (", ".join(f"`{k}={v}`" for k, v in MALLOC_TUNABLES.items()) if a.malloc_tunables else "glibc defaults "
+           "(`--malloc-tunables` not given)"),
         f"- torch threads per worker: {pinfo.get('threads', '?')} (polytope), {rinfo.get('threads', '?')} (reference)",
         f"- polytope: torch {pinfo.get('torch', '?')}, python {pinfo.get('python', '?')}, commit {git_rev()}",
         f"- reference: convex_adversarial {rinfo.get('convex_adversarial', '?')}, torch {rinfo.get('torch', '?')}, "
         f"numpy {rinfo.get('numpy', '?')}, python {rinfo.get('python', '?')} (in `benchmarks/.venv-ref`)"
         + (f" -- UNAVAILABLE: {s.ref_error}" if s.ref_error else ""),
+        f"- in-process rows (B1I): {in_process_line(s)}",
         f"- CUDA: {'yes' if pinfo.get('cuda') else 'no'}",
         "",
         "## Results",
         "",
-        f"Model: the released MNIST model of Wong & Kolter (2018); eps = {EPS} (l_inf); images: the first "
+        f"Model: {model_description(a)}; eps = {a.eps} (l_inf); images: the first "
         f"{a.images} MNIST test images (batch 1 uses the first {min(a.single_images, a.images)}). "
         "Speed-ups are polytope over the reference (> 1: polytope is faster), from medians.",
         "",
@@ -793,10 +962,13 @@ def write_report(s: Suite, started: str, load_start: str, seconds: float) -> Non
         "- Each side is a long-lived worker subprocess (`benchmarks/worker.py`) that loads the same model "
         "state dict and image tensors from one temporary file; polytope runs in the project's environment, "
         "convex_adversarial in `benchmarks/.venv-ref`. Times are taken inside the worker around the "
-        "computation alone (`time.perf_counter`), after a 2-image warm-up. Both workers run with the same "
-        "glibc malloc settings (" + ", ".join(f"`{k}={v}`" for k, v in MALLOC_TUNABLES.items()) + "): with "
-        "the defaults a fresh process returns freed buffers of a few MB to the kernel and page-faults them "
-        "in again on the next call, which a process that has loaded a dataset (any real user's) does not.",
+        "computation alone (`time.perf_counter`), after a 2-image warm-up. Nothing runs in a worker between "
+        "two requests (no memory trimming, no clean-up): each side stays in the state a user's process would "
+        "be in. The glibc malloc tunables are set only with `--malloc-tunables` (off by default).",
+        "- Fairness rows (issue 20): `B1A` times each side alone in a fresh process (the other side's "
+        "process is not running), `B1I` runs both libraries in one process (the project's environment plus "
+        "convex_adversarial from `benchmarks/.ca-overlay`), alternating call by call on the same batches; "
+        "each `best` row takes each side at its own fastest batch size.",
         "- B1: both sides process the same batches, alternating which side goes first, then repeat the first "
         "batch; throughput is 1 / median(seconds per image). polytope: `pt.margin_bounds(net, x, y, "
         "pt.LinfBall(eps))` under `torch.no_grad()`; reference: `DualNetwork(model, x, eps)(c)` with "
@@ -833,29 +1005,53 @@ def write_csv(s: Suite) -> None:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-def prepare_data(tmp: Path, n: int) -> Path:
-    """The released MNIST model's state dict and the first ``n`` test images, in one file."""
+def model_description(a: argparse.Namespace) -> str:
+    if a.model is None:
+        return "the released MNIST model of Wong & Kolter (2018)"
+    return f"architecture `{a.arch}` (`benchmarks/archs.py`) with the weights of `{a.model}`"
+
+
+def prepare_data(tmp: Path, n: int, arch: str = "mnist", model_path: str | None = None) -> Path:
+    """The model's architecture name and state dict and the first ``n`` MNIST test images, in one file.
+
+    Without ``model_path`` the model is the released MNIST model (architecture ``mnist``).
+    """
     import torch
 
     sys.path.insert(0, str(ROOT))
     from polytope.io.data import load_dataset
     from polytope.io.models import load_released
 
-    model = load_released("mnist")
+    if model_path is None:
+        if arch != "mnist":
+            raise ValueError(f"--arch {arch} needs --model (a state dict, e.g. from benchmarks/train_archs.py)")
+        model = load_released("mnist")
+    else:
+        model = archs.build(arch)
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     x, y = load_dataset("mnist", "test", limit=n)
     path = tmp / "data.pt"
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "x": x.contiguous(), "y": y.contiguous()}, path)
+    torch.save({"arch": arch, "state_dict": state, "x": x.contiguous(), "y": y.contiguous()}, path)
     return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="polytope vs convex_adversarial benchmarks")
     p.add_argument("--quick", action="store_true", help="a fast smoke run (100 images, small counts)")
-    p.add_argument("--rows", default="", help="comma-separated subset: B1,B2,B3,B4,B5,B6,B7,L,P (default: all)")
+    p.add_argument("--rows", default="", help="comma-separated subset: B1,B1A,B1I,B2,B3,B4,B5,B6,B7,L,P (default: all; "
+                   "B1A: each side alone in a fresh process, B1I: both in one process, interleaved)")
+    p.add_argument("--arch", default="mnist", choices=sorted(archs.ARCHS), help="architecture (benchmarks/archs.py)")
+    p.add_argument("--model", help="state dict of --arch (default: the released MNIST model)")
+    p.add_argument("--eps", type=float, default=EPS, help=f"l_inf radius (default {EPS})")
+    p.add_argument("--malloc-tunables", action="store_true",
+                   help="give every worker the glibc MALLOC_* settings of MALLOC_TUNABLES (default: glibc defaults)")
+    p.add_argument("--wait-load", type=float, default=0.0,
+                   help="before each timed row, wait until the 1-minute load average is below this (0: no wait)")
+    p.add_argument("--wait-max", type=float, default=900.0, help="seconds to wait for --wait-load at most, per row")
     p.add_argument("--images", type=int, help="MNIST test images for B1 (default 1000; quick 100)")
     p.add_argument("--single-images", type=int, help="images timed at batch 1 (default 100; quick 10)")
-    p.add_argument("--batch-sizes", help="B1 batch sizes (default 500,50,1; quick 100,50,1)")
+    p.add_argument("--batch-sizes", help="B1, B1A, B1I batch sizes (default 500,50,1; quick 100,50,1)")
     p.add_argument("--repeats", type=int, help="extra timings of the first batch per B1 row (default 2; quick 1)")
     p.add_argument("--train-batches", type=int, help="B2 steps per side (default 5; quick 1)")
     p.add_argument("--ladder-images", type=int, help="images for the dual/adaptive ladder rows (1000; quick 50)")
@@ -892,6 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     wanted = {r.strip().upper() for r in a.rows.split(",") if r.strip()} or {
         "B1",
+        "B1A",
+        "B1I",
         "B2",
         "B3",
         "B4",
@@ -910,19 +1108,28 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     ref_python, ref_error = None, None
-    if wanted & {"B1", "B2", "B5", "B6"}:
+    if wanted & {"B1", "B1A", "B2", "B5", "B6"}:
         try:
             ref_python = str(ref_env.ensure(Path(a.ref_venv), log=log))
         except Exception as exc:
             ref_error = f"{type(exc).__name__}: {exc}"
             log(f"reference env: FAILED: {ref_error}")
+    overlay_error = None
+    if "B1I" in wanted:
+        try:
+            ref_env.ensure_overlay(log=log)
+        except Exception as exc:
+            overlay_error = f"{type(exc).__name__}: {exc}"
+            log(f"convex_adversarial overlay: FAILED: {overlay_error}")
 
     with tempfile.TemporaryDirectory(prefix="polytope-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        data = prepare_data(tmp, a.images)
-        s = Suite(a, tmp, data, ref_python, ref_error)
+        data = prepare_data(tmp, a.images, a.arch, a.model)
+        s = Suite(a, tmp, data, ref_python, ref_error, overlay_error)
 
-        def run(rid: str, fn: Callable[[], list[Row]], what: str) -> None:
+        def run(rid: str, fn: Callable[[], list[Row]], what: str, wait: bool = True) -> None:
+            # --wait-load: once per group of rows (the workers' own load would hold up the next row)
+            s.row_load = wait_for_quiet(a.wait_load, a.wait_max) if wait else loadavg()
             start = time.perf_counter()
             try:
                 rows = fn()
@@ -940,16 +1147,25 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(s)
 
         try:
+            sizes = sorted(a.batch_sizes, reverse=True)
+            for tag, fn in (("B1A", row_b1_alone), ("B1I", row_b1_interleaved)):
+                if tag in wanted:
+                    mode = "alone" if tag == "B1A" else "interleaved"
+                    for k, bs in enumerate(sizes):
+                        run(f"{tag} bs={bs}", lambda fn=fn, bs=bs: fn(s, bs), f"certify, batch {bs}, {MODES[mode]}",
+                            wait=k == 0)
+                    if len(sizes) > 1:
+                        run(f"{tag} best", lambda mode=mode: row_b1_best(s, mode), "best batch size per side", False)
             if "B1" in wanted or "B5" in wanted:
-                sizes = sorted(a.batch_sizes, reverse=True)
                 for i, bs in enumerate(sizes):
                     run(
                         f"B1 bs={bs}",
                         lambda bs=bs, i=i: row_b1(s, bs, memory=(i == 0 and "B5" in wanted)),
                         f"certify, batch {bs}",
+                        wait=i == 0,
                     )
                 if len(sizes) > 1:
-                    run("B1 best", lambda: row_b1_best(s), "best batch size per side")
+                    run("B1 best", lambda: row_b1_best(s), "best batch size per side", False)
             if "B6" in wanted:
                 run("B6", lambda: row_b6(s), "arithmetic rate")
             if "P" in wanted:

@@ -1,17 +1,20 @@
 """One side of the benchmark suite, run as a long-lived subprocess by ``benchmarks/run.py``.
 
-``python benchmarks/worker.py --side polytope|reference --data FILE.pt [--threads N]``
+``python benchmarks/worker.py --side polytope|reference|both --data FILE.pt [--threads N]``
 
 ``--side polytope`` runs in the project's environment; ``--side reference`` runs in the
 separate ``benchmarks/.venv-ref`` where ``convex_adversarial`` is installed (polytope is not
-importable there, and this file imports it only on the polytope side).  The data file holds
-the MNIST model's state dict and the test images (``state_dict``, ``x``, ``y``) so that both
-sides compute on the very same tensors.
+importable there, and this file imports it only on the polytope side); ``--side both`` imports
+both libraries in one process (the project's environment plus a convex_adversarial overlay,
+see ``ref_env.ensure_overlay``) and alternates them call by call.  The data file holds the
+model's architecture name (``archs.py``), its state dict and the test images (``arch``,
+``state_dict``, ``x``, ``y``) so that both sides compute on the very same tensors.
 
 Protocol: one JSON request per line on stdin, one JSON answer per line on the original stdout
 (anything a library prints is sent to stderr instead).  Every answer has ``ok``; a failure
 answers ``{"ok": false, "error": ...}`` and the worker stays up.  Times are measured here, in
-the worker, around the computation only (``time.perf_counter``).
+the worker, around the computation only (``time.perf_counter``).  Nothing runs between two
+requests: no memory trimming or other clean-up changes either side's state between timed calls.
 """
 
 from __future__ import annotations
@@ -27,24 +30,10 @@ import time
 import traceback
 from typing import Any
 
+import archs  # benchmarks/archs.py (this script's directory is on sys.path)
 import torch
-from torch import nn
 
 EPS_DEFAULT = 0.1
-
-
-def mnist_model() -> nn.Sequential:
-    """The released MNIST architecture (module indices match the released state dict)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(1568, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
 
 
 def margin_c(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -56,21 +45,6 @@ def margin_c(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
 def maxrss_mib() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), outside any timing.
-
-    Both workers stay alive side by side; without this a worker keeps the high-water mark of
-    its largest batch, and two of them can exhaust a small machine.  Peak figures (ru_maxrss)
-    are unaffected.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -96,7 +70,7 @@ class Side:
     def __init__(self, data: str, device: str = "cpu") -> None:
         blob = torch.load(data, map_location="cpu", weights_only=True)
         self.device = torch.device(device)
-        self.model = mnist_model()
+        self.model = archs.build(blob.get("arch", "mnist"))
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval().to(self.device)
         self.x = blob["x"].to(self.device)
@@ -444,9 +418,40 @@ def linprog_path(net: Any, x: torch.Tensor, ball: Any, c_rows: torch.Tensor, lpm
     return {"build_s": build, "solve_s": time.perf_counter() - start, "values": values, "status": status}
 
 
+class Both:
+    """Both libraries in one process (issue 20's in-process cross-check): alternating calls, same batches."""
+
+    name = "both"
+
+    def __init__(self, data: str, device: str = "cpu") -> None:
+        self.sides: dict[str, Side] = {"polytope": Polytope(data, device), "reference": Reference(data, device)}
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sides["polytope"].batch(start, stop)
+
+    def margins(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        """Warm-up of both sides (the value returned is polytope's)."""
+        self.sides["reference"].margins(x, y, eps)
+        return self.sides["polytope"].margins(x, y, eps)
+
+    def cmd_certify(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One batch on each side, in ``req["order"]``; ``req["out"]`` maps a side to its output file."""
+        outs = req.get("out") or {}
+        return {side: self.sides[side].cmd_certify({**req, "out": outs.get(side)}) for side in req["order"]}
+
+    def cmd_maxrss(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"maxrss_mib": maxrss_mib()}
+
+    def cmd_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {side: s.cmd_info(req) for side, s in self.sides.items()}
+
+
+SIDES: dict[str, type[Side] | type[Both]] = {"polytope": Polytope, "reference": Reference, "both": Both}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=("polytope", "reference"), required=True)
+    parser.add_argument("--side", choices=tuple(SIDES), required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -460,7 +465,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        side: Side = (Polytope if args.side == "polytope" else Reference)(args.data, args.device)
+        side: Side | Both = SIDES[args.side](args.data, args.device)
         with torch.no_grad():  # warm-up: first-call costs (allocator, kernels) stay out of timings
             side.margins(*side.batch(0, 2), EPS_DEFAULT)
         proto.write(json.dumps({"ok": True, "ready": True, "maxrss_mib": maxrss_mib()}) + "\n")
@@ -480,7 +485,6 @@ def main() -> None:
             if handler is None:
                 raise ValueError(f"{side.name} has no command {req['cmd']!r}")
             answer = {"ok": True, **handler(req)}
-            release_memory()
         except Exception as exc:
             traceback.print_exc()
             answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
