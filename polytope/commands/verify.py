@@ -25,6 +25,7 @@ import numpy as np
 
 from polytope.io.vnnlib import results_text
 from polytope.model.errors import PolytopeError, UnsupportedPropertyError
+from polytope.model.files import read_bytes
 
 #: The first stdout line for each status of :class:`polytope.verifiers.property.VerifyResult`.
 ANSWER = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timed-out"}
@@ -123,30 +124,23 @@ def run_verify(args: argparse.Namespace) -> int:
     except PolytopeError as exc:
         print("unknown", flush=True)
         print(f"polytope verify: error: {exc}", file=sys.stderr)
-        _write_results(args.results, "error\n")
+        _write_results(args.results, results_text("error"))
         return 2
 
 
 def _verify(args: argparse.Namespace, start: float) -> int:
-    from polytope.io.onnx_import import read_onnx
-    from polytope.io.vnnlib import read_vnnlib
-    from polytope.verifiers.property import check_property, verify
+    from polytope.runs.instances import verify_files
 
     name, onnx_path = _network_path(args.network)
-    prop = read_vnnlib(args.property)
-    text = Path(args.property).read_text()
-    import torch
-
-    onx = read_onnx(onnx_path, dtype=torch.float64)
+    timeout = None if args.timeout is None else args.timeout - OUTPUT_RESERVE
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.verbose else None
+    prop, result = verify_files(onnx_path, args.property, timeout, start, log)
     if name and prop.network and name != prop.network:
         print(f"polytope verify: note: network {name!r} given for the property's {prop.network!r}", file=sys.stderr)
-    check_property(onx.network, prop, onx.in_shape)
-    timeout = None if args.timeout is None else max(args.timeout - (time.perf_counter() - start) - OUTPUT_RESERVE, 0.0)
-    log = (lambda msg: print(msg, file=sys.stderr)) if args.verbose else None
-    result = verify(onx.network, prop, timeout=timeout, onnx_path=onnx_path, in_shape=onx.in_shape, log=log)
     print(ANSWER[result.status], flush=True)
     if result.status == "sat":
         cex = result.counterexample
+        text = read_bytes(args.property).decode()
         print("\n".join(assignment(prop, text, cex.x, cex.y)), flush=True)
         _write_results(args.results, results_text("sat", cex.x, cex.y))
     else:

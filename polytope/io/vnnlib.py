@@ -538,13 +538,10 @@ def _halfspaces(atoms: list[_Atom], n_out: int) -> Halfspaces:
     return Halfspaces(a_rows, b)
 
 
-#: The VNN-COMP results-file word for each verification status.
-RESULT_WORD = {"sat": "sat", "unsat": "unsat", "unknown": "unknown", "timeout": "timeout"}
-
-
 def results_text(status: str, x: np.ndarray | None = None, y: np.ndarray | None = None) -> str:
-    """The VNN-COMP results file for ``status`` (``"error"`` included)."""
+    """The VNN-COMP results file: the status word (``unsat``, ``unknown``, ``timeout``, ``error``), or ``sat``
+    followed by the assignment ``((X_0 v) ... (Y_0 v) ...)`` of the counterexample ``x``, ``y``."""
     if status != "sat":
-        return RESULT_WORD.get(status, status) + "\n"
+        return status + "\n"
     rows = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
     return "sat\n(" + "\n ".join(rows) + ")\n"

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from typing import Any
 import pandas as pd
 
 from polytope.io.onnx_import import read_onnx
-from polytope.io.vnnlib import read_vnnlib, results_text
+from polytope.io.vnnlib import Property, read_vnnlib, results_text
 from polytope.model.errors import InvalidInputError, PolytopeError
 from polytope.model.files import resolve
 from polytope.runs.runner import RunSpec, run
-from polytope.verifiers.property import check_property, verify
+from polytope.verifiers.property import VerifyResult, check_property, verify
 
 
 @dataclass(frozen=True)
@@ -78,24 +79,30 @@ def _fingerprint(instances: list[Instance]) -> str:
     return h.hexdigest()
 
 
-def decide(inst: Instance) -> dict[str, Any]:
-    """Verify one instance (float64, replayed in onnxruntime before any ``sat``); bad input is ``error``."""
+def verify_files(onnx: str | Path, vnnlib: str | Path, timeout: float | None, start: float,
+                 log: Callable[[str], None] | None = None) -> tuple[Property, VerifyResult]:
+    """Read an ONNX network (in float64) and a VNN-LIB property, check they fit, and :func:`verify` them with the
+    ``timeout`` seconds left since ``start`` (``time.perf_counter()``; ``None``: no limit)."""
     import torch
 
+    onx = read_onnx(onnx, dtype=torch.float64)
+    prop = read_vnnlib(vnnlib)
+    check_property(onx.network, prop, onx.in_shape)
+    left = None if timeout is None else max(timeout - (time.perf_counter() - start), 0.0)
+    return prop, verify(onx.network, prop, timeout=left, onnx_path=onnx, in_shape=onx.in_shape, log=log)
+
+
+def decide(inst: Instance) -> dict[str, Any]:
+    """Verify one instance (float64, replayed in onnxruntime before any ``sat``); bad input is ``error``."""
     start = time.perf_counter()
     try:
-        onx = read_onnx(inst.onnx, dtype=torch.float64)
-        prop = read_vnnlib(inst.vnnlib)
-        check_property(onx.network, prop, onx.in_shape)
-        left = max(inst.timeout - (time.perf_counter() - start), 0.0)
-        result = verify(onx.network, prop, timeout=left, onnx_path=inst.onnx, in_shape=onx.in_shape)
+        _, result = verify_files(inst.onnx, inst.vnnlib, inst.timeout, start)
     except PolytopeError as exc:
         return {"answer": "error", "method": "", "seconds": time.perf_counter() - start,
-                "message": f"{type(exc).__name__}: {exc}", "result": "error\n"}
+                "message": f"{type(exc).__name__}: {exc}", "result": results_text("error")}
     cex = result.counterexample
-    text = results_text(result.status, cex.x, cex.y) if result.status == "sat" and cex is not None else None
     return {"answer": result.status, "method": result.method, "seconds": time.perf_counter() - start,
-            "message": "", "result": text or results_text(result.status)}
+            "message": "", "result": results_text(result.status, *((cex.x, cex.y) if cex is not None else ()))}
 
 
 def instances_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
