@@ -62,10 +62,16 @@ class IndexSets(NamedTuple):
     unstable: torch.Tensor
 
 
-def index_sets(lower: torch.Tensor, upper: torch.Tensor) -> IndexSets:
-    """Split the units of a layer by the sign of their bounds (section 3.2)."""
+def index_sets(lower: torch.Tensor, upper: torch.Tensor, linear: torch.Tensor | None = None) -> IndexSets:
+    """Split the units of a layer by the sign of their bounds (section 3.2).
+
+    ``linear`` marks units without a ReLU (values a graph carries, ``z = zhat``): they join ``I+``.
+    """
     negative = upper <= 0
     positive = (lower >= 0) & ~negative
+    if linear is not None:
+        linear = linear.to(lower.device)
+        negative, positive = negative & ~linear, positive | linear
     return IndexSets(negative, positive, ~negative & ~positive)
 
 
@@ -84,8 +90,8 @@ class Relaxation:
     lower_unstable: torch.Tensor
 
     @classmethod
-    def from_bounds(cls, lower: torch.Tensor, upper: torch.Tensor) -> Relaxation:
-        sets = index_sets(lower, upper)
+    def from_bounds(cls, lower: torch.Tensor, upper: torch.Tensor, linear: torch.Tensor | None = None) -> Relaxation:
+        sets = index_sets(lower, upper, linear)
         width = torch.where(sets.unstable, upper - lower, torch.ones_like(upper))
         d = torch.where(sets.unstable, upper / width, sets.positive.to(upper.dtype))
         return cls(lower, upper, sets, d, torch.where(sets.unstable, lower, torch.zeros_like(lower)))
@@ -436,7 +442,7 @@ class DualNetwork:
                 else:
                     lower, upper = self._bounds_backward(i, screen=True)
                     self.orders.append("backward")
-            self.relaxations.append(Relaxation.from_bounds(lower, upper))
+            self.relaxations.append(Relaxation.from_bounds(lower, upper, self.net.linear_mask(i)))
 
     def _bounds_backward(self, i: int, screen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds on ``zhat`` after layer ``i`` from the dual network started at ``c = +-I``.
@@ -472,9 +478,10 @@ class DualNetwork:
         return j[:, :k], -j[:, k:]
 
     def _interval(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Interval bounds through layer ``i`` from the box ``[relu(l), relu(u)]`` of the ReLU below it."""
+        """Interval bounds through layer ``i`` from the box ``[relu(l), relu(u)]`` of the ReLU below it
+        (``[l, u]`` on its linear units)."""
         r = self.relaxations[i - 1]
-        return self.net.layers[i].interval(r.lower.clamp_min(0), r.upper.clamp_min(0))
+        return self.net.layers[i].interval(*self.net.activation_interval(i - 1, r.lower, r.upper))
 
     def _screened_bounds(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer bounds of the slope modes other than fixed, each step on the units still unstable:

@@ -115,7 +115,7 @@ def layerwise_bounds(net: Network, x: torch.Tensor, input_set: InputSet) -> Laye
     input_set.validate(x)
     lower, upper = first_layer_bounds(net, x, input_set)
     bounds: list[Bounds] = []
-    for layer, in_shape in zip(net.layers[1:], shapes[1:-1], strict=True):
+    for i, (layer, in_shape) in enumerate(zip(net.layers[1:], shapes[1:-1], strict=True)):
         bounds.append((lower, upper))
-        lower, upper = interval_affine(layer, lower.clamp_min(0), upper.clamp_min(0), in_shape)
+        lower, upper = interval_affine(layer, *net.activation_interval(i, lower, upper), in_shape)
     return LayerwiseBounds(bounds, (lower, upper))

@@ -88,7 +88,8 @@ class SplitDual:
         self.biases = [layer.bias(s, self.x).flatten() for layer, s in zip(self.net.layers, self.shapes[:-1],
                                                                           strict=True)]
         self.bounds = [apply_splits(lo, up, s) for (lo, up), s in zip(self.bounds, self.signs, strict=True)]
-        self.relax = [Relaxation.from_bounds(lo, up) for lo, up in self.bounds]
+        self.linear = [self.net.linear_mask(i) for i in range(len(self.bounds))]
+        self.relax = [Relaxation.from_bounds(lo, up, m) for (lo, up), m in zip(self.bounds, self.linear, strict=True)]
         self.empty = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
         for lo, up in self.bounds:
             self._mark_empty(lo, up)
@@ -142,7 +143,7 @@ class SplitDual:
         """
         for i in range(start, len(self.bounds)):
             lower, upper = self.bounds[i]
-            unstable = (lower < 0) & (upper > 0)
+            unstable = self.relax[i].sets.unstable
             k = int(unstable.sum(1).max()) if unstable.numel() else 0
             if k == 0:
                 continue
@@ -158,7 +159,7 @@ class SplitDual:
             self._mark_empty(lower, upper)
             upper = torch.maximum(upper, lower)  # an empty domain's bounds stay ordered (it is closed anyway)
             self.bounds[i] = (lower, upper)
-            self.relax[i] = Relaxation.from_bounds(lower, upper)
+            self.relax[i] = Relaxation.from_bounds(lower, upper, self.linear[i])
 
     def primal_guess(self, nu_hat_1: torch.Tensor) -> torch.Tensor:
         """The inner minimiser of eq. (6)'s input term, ``argmin_{x' in box(S)} (-nu_hat_1)^T x'``, projected on ``S``.

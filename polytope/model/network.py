@@ -118,6 +118,44 @@ class FlattenOp:
         return lo.flatten(1), hi.flatten(1)
 
 
+@dataclass(frozen=True, eq=False)
+class GatherOp:
+    """``y = x.flatten()[index]``: a selection of input entries (``index`` -1 reads a zero).
+
+    Max and average pooling are built from it (one gather per window tap); its transpose
+    scatters back and adds, its interval and ``|W|`` maps are the same selection.
+    """
+
+    index: torch.Tensor  # long, shaped like one output example
+    in_numel: int
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if numel(in_shape) != self.in_numel:
+            raise ShapeMismatchError(f"Gather expects {self.in_numel} input entries, got shape {in_shape}")
+        return tuple(self.index.shape)
+
+    def _flat_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.index.reshape(-1).to(device)
+        return flat.clamp_min(0), (flat >= 0)
+
+    def apply(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        index, valid = self._flat_index(x.device)
+        y = x.flatten(1)[:, index] * valid.to(x.dtype)
+        return y.reshape(x.shape[0], *self.index.shape)
+
+    def transpose(self, y: torch.Tensor, in_shape: Shape) -> torch.Tensor:
+        index, valid = self._flat_index(y.device)
+        out = y.new_zeros(y.shape[0], self.in_numel)
+        out.index_add_(1, index, y.flatten(1) * valid.to(y.dtype))
+        return out.reshape(y.shape[0], *in_shape)
+
+    def apply_abs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+    def apply_interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(lo), self.apply(hi)
+
+
 class Normalize(nn.Module):
     """Input normalisation ``(x - mean) / std`` per channel (a ``torchvision`` ``Normalize`` as a layer).
 
@@ -226,7 +264,7 @@ def _signed_interval(apply, weight: torch.Tensor, bias: torch.Tensor | None, lo:
     return apply(lo, pos, bias) + apply(hi, neg, None), apply(hi, pos, bias) + apply(lo, neg, None)
 
 
-Op = LinearOp | Conv2dOp | FlattenOp | ChannelAffineOp
+Op = LinearOp | Conv2dOp | FlattenOp | ChannelAffineOp | GatherOp
 
 
 @dataclass(frozen=True, eq=False)
@@ -295,6 +333,17 @@ def _flatten_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, child
 
 
+#: The modules of a plain chain (anything else in an ``nn.Sequential`` makes it a graph to trace).
+CHAIN_MODULES = (nn.Linear, nn.Conv2d, nn.Flatten, nn.ReLU, nn.modules.dropout._DropoutNd, nn.Identity,
+                 nn.BatchNorm1d, nn.BatchNorm2d, Normalize)
+
+
+def _is_chain(model: nn.Module) -> bool:
+    return isinstance(model, nn.Sequential) and all(
+        isinstance(m, CHAIN_MODULES) for _, m in _flatten_modules(model)
+    )
+
+
 def _check_conv(index: str, m: nn.Conv2d) -> None:
     bad = []
     if m.groups != 1:
@@ -322,20 +371,31 @@ class Network:
 
     layers: tuple[AffineLayer, ...]
     module: nn.Module
+    #: Per ReLU layer, ``None`` or a boolean mask (shaped like the layer) of *linear* units: values
+    #: a graph carries past the ReLU (skip connections, see :mod:`polytope.model.graph`), whose
+    #: ``z = zhat`` exactly.  Empty for a chain.
+    linear: tuple[torch.Tensor | None, ...] = ()
+    #: The per-example input shape a graph network was compiled for (``None`` for a chain).
+    input_shape: Shape | None = None
 
     @classmethod
-    def from_torch(cls, model: nn.Module) -> Network:
-        """Validate and canonicalise an ``nn.Sequential`` of Linear, Conv2d, Flatten and ReLU.
+    def from_torch(cls, model: nn.Module, input_shape: Sequence[int] | None = None) -> Network:
+        """Validate and canonicalise a model: an ``nn.Sequential`` chain, or any ReLU graph.
 
-        Eval-mode ``Dropout`` is the identity, eval-mode ``BatchNorm`` and :class:`Normalize`
-        per-channel affine maps composed into the affine layer they sit in; in
-        training mode both are refused. Anything else raises :class:`UnsupportedLayerError`
-        naming the layer's index and type. The first and last layers must be affine.
+        A chain is an ``nn.Sequential`` of Linear, Conv2d, Flatten and ReLU.  Eval-mode ``Dropout``
+        is the identity, eval-mode ``BatchNorm`` and :class:`Normalize` per-channel affine maps
+        composed into the affine layer they sit in; in training mode both are refused. Anything
+        else raises :class:`UnsupportedLayerError` naming the layer's index and type. The first and
+        last layers must be affine.
+
+        Any other module (residual blocks, ``torch.cat``, pooling) is traced with ``torch.fx``
+        (:func:`polytope.model.trace.trace_module`); ``input_shape`` (one example, no batch
+        dimension) is then required unless the input's first consumer is an ``nn.Linear``.
         """
-        if not isinstance(model, nn.Sequential):
-            raise UnsupportedLayerError(
-                f"expected an nn.Sequential, got {type(model).__name__}; wrap the layers in nn.Sequential"
-            )
+        if not _is_chain(model):
+            from polytope.model.trace import trace_module  # a graph: traced, compiled to a chain
+
+            return trace_module(model, input_shape)
         layers: list[list[Op]] = [[]]
         for index, m in _flatten_modules(model):
             kind = type(m).__name__
@@ -407,21 +467,43 @@ class Network:
             )
         return shapes
 
+    @property
+    def is_graph(self) -> bool:
+        """Whether some ReLU layer carries linear units (a compiled graph, not a plain chain)."""
+        return any(mask is not None for mask in self.linear)
+
+    def linear_mask(self, i: int) -> torch.Tensor | None:
+        """The linear units of ReLU layer ``i`` (0-based), or ``None`` when all are ReLUs."""
+        return self.linear[i] if i < len(self.linear) else None
+
+    def activation(self, i: int, zhat: torch.Tensor) -> torch.Tensor:
+        """``z_i`` from ``zhat_i`` for ReLU layer ``i``: ReLU, except on its linear units."""
+        mask = self.linear_mask(i)
+        z = torch.relu(zhat)
+        return z if mask is None else torch.where(mask.to(zhat.device), zhat, z)
+
+    def activation_interval(self, i: int, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds on ``z_i`` from bounds ``[lo, hi]`` on ``zhat_i`` (ReLU is monotone)."""
+        return self.activation(i, lo), self.activation(i, hi)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output ``f(x)`` through the canonical chain."""
-        z = x
-        for i, layer in enumerate(self.layers):
-            z = layer.forward(z if i == 0 else torch.relu(z))
-        return z
+        return self.pre_activations(x)[-1]
 
     def pre_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[zhat_2, ..., zhat_k]`` at a batch of points ``x``."""
         out = []
         z = x
         for i, layer in enumerate(self.layers):
-            z = layer.forward(z if i == 0 else torch.relu(z))
+            z = layer.forward(z if i == 0 else self.activation(i - 1, z))
             out.append(z)
         return out
+
+    def with_head(self, head: nn.Linear) -> Network:
+        """This network followed by ``head`` (a margin or property layer) on its flattened output."""
+        last = self.layers[-1]
+        layers = (*self.layers[:-1], AffineLayer((*last.ops, FlattenOp(), LinearOp(head))))
+        return Network(layers, nn.Sequential(self.module, nn.Flatten(), head), self.linear, self.input_shape)
 
     def parameters_like(self) -> torch.Tensor:
         """One parameter, for reading the model's dtype and device."""
@@ -452,4 +534,4 @@ def as_float64(net: Network) -> Network:
     module = copy.deepcopy(net.module).to(device="cpu", dtype=torch.float64)
     for p in module.parameters():
         p.requires_grad_(False)  # a private copy for solvers: no autograd through its weights
-    return Network.from_torch(module)
+    return Network.from_torch(module, net.input_shape)

@@ -124,11 +124,27 @@ def batch_of_one(net: Network, x: Any) -> torch.Tensor:
     )
 
 
-def relu_sets(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The masks ``I-`` (``u <= 0``), ``I+`` (``l >= 0``) and ``I`` of section 3.2, as in the dual."""
+def relu_sets(lower: np.ndarray, upper: np.ndarray,
+              linear: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks ``I-`` (``u <= 0``), ``I+`` (``l >= 0``) and ``I`` of section 3.2, as in the dual.
+
+    ``linear`` marks a graph's carried units (``z = zhat``, no ReLU): they join ``I+``."""
     negative = upper <= 0
     positive = (lower >= 0) & ~negative
+    if linear is not None:
+        negative, positive = negative & ~linear, positive | linear
     return negative, positive, ~negative & ~positive
+
+
+def unstable_counts(bounds: FlatBounds, linear: Sequence[np.ndarray | None]) -> list[int]:
+    """``|I|`` per ReLU layer (a graph's linear units are never unstable)."""
+    return [int(relu_sets(lo, up, m)[2].sum()) for (lo, up), m in zip(bounds, linear, strict=True)]
+
+
+def linear_masks(net: Network) -> list[np.ndarray | None]:
+    """Per ReLU layer, the flat mask of the network's linear units (``None`` where there are none)."""
+    return [None if (m := net.linear_mask(i)) is None else m.flatten().cpu().numpy()
+            for i in range(len(net.layers) - 1)]
 
 
 def dual_bounds(net64: Network, x64: torch.Tensor, input_set: InputSet) -> tuple[DualNetwork, FlatBounds]:
@@ -451,7 +467,8 @@ def _materialise(model: HighsModel, expr: Expression, units: np.ndarray) -> np.n
 
 
 def add_relu(
-    model: HighsModel, cols: NetworkColumns, lower: np.ndarray, upper: np.ndarray, exact: bool = False
+    model: HighsModel, cols: NetworkColumns, lower: np.ndarray, upper: np.ndarray, exact: bool = False,
+    linear: np.ndarray | None = None,
 ) -> np.ndarray:
     """``z_i = ReLU(zhat_i)`` relaxed by eq. (19) on ``I`` (or exactly by big-M binaries).
 
@@ -460,11 +477,12 @@ def add_relu(
     ``z >= zhat`` and the upper line, written divided by ``u - l > 0`` as ``z - d zhat <= -d l``
     with ``d = u/(u-l)`` (the same half-space as eq. 19, better scaled).  With ``exact=True``
     the upper line becomes ``z <= zhat - l (1 - a)``, ``z <= u a`` with a binary ``a`` (a MILP).
+    ``linear`` units (a graph's carried values) are ``z = zhat`` like ``I+``.
     Returns the columns of ``z`` on ``I``.
     """
     expr = cols.pending
     assert expr is not None, "compose_affine or add_affine comes first"
-    _, positive, unstable = relu_sets(lower, upper)
+    _, positive, unstable = relu_sets(lower, upper, linear)
     unst = np.flatnonzero(unstable)
     n_u = unst.size
     zhat = _materialise(model, expr, unst)

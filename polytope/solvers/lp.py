@@ -66,9 +66,11 @@ from polytope.solvers.highs import (
     compose_affine,
     dual_bounds,
     extract,
+    linear_masks,
     objective_vector,
     relu_sets,
     solver_options,
+    unstable_counts,
 )
 from polytope.solvers.sparse_ops import network_matrices
 
@@ -145,15 +147,16 @@ class RelaxedLP:
         x_flat = self.x[0].flatten().numpy()
         self.cols = add_input(self.model, x_flat, input_set, self.x)
         self.bounds: FlatBounds = []
+        self.linear = linear_masks(self.net)
         for i, affine in enumerate(self._affines[:-1]):
             compose_affine(self.cols, affine)
             lo, up = flat[i]
             if bounds == "lp-all" and i > 0:
-                lo, up = self._tighten(lo, up, only_unstable)
+                lo, up = self._tighten(lo, up, only_unstable, self.linear[i])
             self.bounds.append((lo, up))
-            add_relu(self.model, self.cols, lo, up)
+            add_relu(self.model, self.cols, lo, up, linear=self.linear[i])
         add_affine(self.model, self.cols, self._affines[-1])
-        self.n_unstable = [int(relu_sets(lo, up)[2].sum()) for lo, up in self.bounds]
+        self.n_unstable = unstable_counts(self.bounds, self.linear)
         self.build_seconds = time.perf_counter() - start - self.bound_seconds
 
     # -- public ----------------------------------------------------------------------------
@@ -205,10 +208,11 @@ class RelaxedLP:
         col_dual = np.asarray(sol.col_dual, dtype=float)
         row_dual = np.asarray(sol.row_dual, dtype=float)
         out = []
-        for (lo, up), z, unst, rows, shape in zip(
-            self.bounds, self.cols.z, self.cols.unstable, self.cols.lower_rows, self.shapes[1:-1], strict=True
+        for (lo, up), z, unst, rows, shape, linear in zip(
+            self.bounds, self.cols.z, self.cols.unstable, self.cols.lower_rows, self.shapes[1:-1], self.linear,
+            strict=True,
         ):
-            alpha = np.where(relu_sets(lo, up)[2], up / np.where(up > lo, up - lo, 1.0), 0.0)
+            alpha = np.where(relu_sets(lo, up, linear)[2], up / np.where(up > lo, up - lo, 1.0), 0.0)
             mu0 = np.abs(col_dual[z])
             mu1 = np.abs(row_dual[rows])
             total = mu0 + mu1
@@ -232,7 +236,8 @@ class RelaxedLP:
         z_in, z_out, layers = extract(self.model.values(), self.cols)
         return LPResult(value, status, z_out, seconds, message, value, z_in, layers, iterations)
 
-    def _tighten(self, lower: np.ndarray, upper: np.ndarray, only_unstable: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _tighten(self, lower: np.ndarray, upper: np.ndarray, only_unstable: bool,
+                 linear: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``min``/``max`` of each unit of the newest ``zhat`` over the current relaxation.
 
         The unit is an expression over the model's columns (``cols.pending``): its row is the
@@ -242,7 +247,7 @@ class RelaxedLP:
         """
         start = time.perf_counter()
         lower, upper = lower.copy(), upper.copy()
-        units = np.flatnonzero(relu_sets(lower, upper)[2]) if only_unstable else np.arange(lower.size)
+        units = np.flatnonzero(relu_sets(lower, upper, linear)[2]) if only_unstable else np.arange(lower.size)
         expr = self.cols.pending
         assert expr is not None
         for j in units:
@@ -305,6 +310,7 @@ class RelaxedLPCvxpy:
         z = cp.Variable(x_flat.size)
         cons = self._input_constraints(z, x_flat, input_set)
         self.zhat: list[Any] = []
+        linear = linear_masks(self.net)
         for i, layer in enumerate(self.net.layers):
             w, b = dense_layer(layer, self.shapes[i])
             zhat = cp.Variable(w.shape[0])
@@ -312,7 +318,7 @@ class RelaxedLPCvxpy:
             self.zhat.append(zhat)
             if i < len(self.net.layers) - 1:
                 z = cp.Variable(w.shape[0])
-                cons += self._relu_constraints(z, zhat, *flat[i])
+                cons += self._relu_constraints(z, zhat, *flat[i], linear[i])
         self.c = cp.Parameter(self.shapes[-1][0])
         self.problem = cp.Problem(cp.Minimize(self.c @ self.zhat[-1]), cons)
 
@@ -336,8 +342,8 @@ class RelaxedLPCvxpy:
         raise SolverError(f"no cvxpy form for input set {type(input_set).__name__}")
 
     @staticmethod
-    def _relu_constraints(z, zhat, lower: np.ndarray, upper: np.ndarray) -> list:
-        neg, pos, unst = relu_sets(lower, upper)
+    def _relu_constraints(z, zhat, lower: np.ndarray, upper: np.ndarray, linear: np.ndarray | None) -> list:
+        neg, pos, unst = relu_sets(lower, upper, linear)
         cons = []
         if neg.any():
             cons.append(z[np.flatnonzero(neg)] == 0)

@@ -38,9 +38,10 @@ from polytope.solvers.highs import (
     compose_affine,
     dual_bounds,
     extract,
+    linear_masks,
     objective_vector,
-    relu_sets,
     solver_options,
+    unstable_counts,
 )
 from polytope.solvers.lp import RelaxedLP
 from polytope.solvers.sparse_ops import network_matrices
@@ -87,7 +88,8 @@ class ExactMILP:
         affines = network_matrices(self.net, self.shapes[0])
         check_memory(affines, "MILP", memory_limit)
         self.bounds = self._bounds(bounds, input_set)
-        self.n_unstable = [int(relu_sets(lo, up)[2].sum()) for lo, up in self.bounds]
+        self.linear = linear_masks(self.net)
+        self.n_unstable = unstable_counts(self.bounds, self.linear)
         total = sum(self.n_unstable)
         if total > max_unstable and not force:
             raise SolverError(
@@ -101,9 +103,9 @@ class ExactMILP:
         )
         self.model = HighsModel(options)
         self.cols = add_input(self.model, self.x[0].flatten().numpy(), input_set, self.x)
-        for affine, (lo, up) in zip(affines[:-1], self.bounds, strict=True):
+        for affine, (lo, up), linear in zip(affines[:-1], self.bounds, self.linear, strict=True):
             compose_affine(self.cols, affine)
-            add_relu(self.model, self.cols, lo, up, exact=True)
+            add_relu(self.model, self.cols, lo, up, exact=True, linear=linear)
         add_affine(self.model, self.cols, affines[-1])
         self.build_seconds = time.perf_counter() - start
 

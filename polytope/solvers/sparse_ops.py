@@ -18,11 +18,13 @@ import scipy.sparse as sp
 import torch
 
 from polytope.model.errors import UnsupportedLayerError
+from polytope.model.graph import GraphOp
 from polytope.model.network import (
     AffineLayer,
     ChannelAffineOp,
     Conv2dOp,
     FlattenOp,
+    GatherOp,
     LinearOp,
     Network,
     Op,
@@ -111,8 +113,50 @@ def batchnorm_matrix(op: ChannelAffineOp, in_shape: Shape) -> SparseAffine:
     return SparseAffine(sp.diags(diag, format="csr"), np.repeat(shift, per_channel), in_shape, op.out_shape(in_shape))
 
 
-def op_matrix(op: Op, in_shape: Shape) -> SparseAffine:
-    """The sparse affine map of one primitive operator."""
+def gather_matrix(op: GatherOp, in_shape: Shape) -> SparseAffine:
+    """A selection of entries: one 1 per output row (none where the index reads a zero)."""
+    index = op.index.reshape(-1).numpy()
+    rows = np.flatnonzero(index >= 0)
+    matrix = sp.csr_matrix((np.ones(rows.size), (rows, index[rows])), shape=(index.size, numel(in_shape)))
+    return SparseAffine(matrix, np.zeros(index.size), in_shape, op.out_shape(in_shape))
+
+
+def graph_matrix(op: GraphOp, in_shape: Shape) -> SparseAffine:
+    """A compiled graph layer: each node's map composed from its arguments', the sources stacked.
+
+    Inputs are row blocks of the identity, an operator composes, a weighted sum adds, and a
+    concatenation stacks its arguments' rows in the C order of the concatenated tensor.
+    """
+    nodes = op.nodes
+    sizes = [numel(nodes[i].shape) for i in op.inputs]
+    eye = sp.identity(sum(sizes), format="csr")
+    maps: dict[int, SparseAffine] = {}
+    for i, start, size in zip(op.inputs, np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+        maps[i] = SparseAffine(eye[start:start + size], np.zeros(size), tuple(in_shape), nodes[i].shape)
+    for n in op.steps:
+        node = nodes[n]
+        args = [maps[i] for i in node.inputs]
+        if node.kind == "op":
+            step = op_matrix(node.op, nodes[node.inputs[0]].shape)
+            maps[n] = compose(step, args[0])
+        elif node.kind == "sum":
+            matrix = sum(c * a.matrix for c, a in zip(node.coeffs, args, strict=True))
+            bias = sum(c * a.bias for c, a in zip(node.coeffs, args, strict=True))
+            maps[n] = SparseAffine(sp.csr_matrix(matrix), bias, tuple(in_shape), node.shape)
+        else:
+            offsets = np.cumsum([0] + [numel(nodes[i].shape) for i in node.inputs])
+            order = np.concatenate([np.arange(numel(nodes[i].shape)).reshape(nodes[i].shape) + off
+                                    for i, off in zip(node.inputs, offsets, strict=False)], axis=node.dim).ravel()
+            stacked = sp.vstack([a.matrix for a in args], format="csr")
+            bias = np.concatenate([a.bias for a in args])
+            maps[n] = SparseAffine(stacked[order], bias[order], tuple(in_shape), node.shape)
+    out = [maps[s] for s in op.sources]
+    return SparseAffine(sp.vstack([m.matrix for m in out], format="csr"), np.concatenate([m.bias for m in out]),
+                        tuple(in_shape), op.out_shape(tuple(in_shape)))
+
+
+def op_matrix(op: Op | GraphOp, in_shape: Shape) -> SparseAffine:
+    """The sparse affine map of one primitive operator (or of a compiled graph layer)."""
     if isinstance(op, LinearOp):
         return linear_matrix(op, in_shape)
     if isinstance(op, Conv2dOp):
@@ -121,6 +165,10 @@ def op_matrix(op: Op, in_shape: Shape) -> SparseAffine:
         return flatten_matrix(op, in_shape)
     if isinstance(op, ChannelAffineOp):
         return batchnorm_matrix(op, in_shape)
+    if isinstance(op, GatherOp):
+        return gather_matrix(op, in_shape)
+    if isinstance(op, GraphOp):
+        return graph_matrix(op, in_shape)
     raise UnsupportedLayerError(f"no sparse form for operator {type(op).__name__}")
 
 

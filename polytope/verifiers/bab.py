@@ -519,8 +519,8 @@ class _ReluSearch(_Search):
         """The unit to split next in each domain: the best-scoring free unstable unit, ``None`` when none is left."""
         branching = self.options.branching or "babsr"
         scores = []
-        for (lo, up), s, nu in zip(dual.bounds, dual.signs, nus, strict=True):
-            free = (lo < 0) & (up > 0) & (s == 0)
+        for (lo, up), s, nu, r in zip(dual.bounds, dual.signs, nus, dual.relax, strict=True):
+            free = r.sets.unstable & (s == 0)  # a split unit's bounds no longer cross 0; linear units never do
             if callable(branching):
                 score = torch.as_tensor(branching(lo, up, nu), dtype=torch.float64)
             elif check_choice(branching, RELU_BRANCHING, "branching for ReLU splitting") == "width":
@@ -583,8 +583,10 @@ def region_lp(net64: Network, x: torch.Tensor, input_set: InputSet, signs: list[
     lo, hi = (t.reshape(-1).numpy() for t in input_set.box(x))
     n_in = lo.size
     shape = tuple(x.shape[1:])
-    active = [(s > 0) | ((lb >= 0) & (s == 0)) for s, (lb, _) in zip(signs, bounds, strict=True)]
-    decided = [(s != 0) | (lb >= 0) | (ub <= 0) for s, (lb, ub) in zip(signs, bounds, strict=True)]
+    linear = [torch.zeros_like(s, dtype=torch.bool) if (m := net64.linear_mask(i)) is None else m
+              for i, s in enumerate(signs)]  # a graph's carried values: z = zhat
+    active = [(s > 0) | ((lb >= 0) & (s == 0)) | lin for s, (lb, _), lin in zip(signs, bounds, linear, strict=True)]
+    decided = [(s != 0) | (lb >= 0) | (ub <= 0) | lin for s, (lb, ub), lin in zip(signs, bounds, linear, strict=True)]
     if not all(bool(d.all()) for d in decided):
         return None
     # zhat_i = A_i x + b_i under the pattern: push the points 0 and e_k through the masked network

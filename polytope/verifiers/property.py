@@ -242,7 +242,7 @@ class _Conjunction:
             head.bias.copy_(torch.tensor([-float(self.b[0]) - self.dual_margin, 0.0], dtype=torch.float64))
         for p in head.parameters():
             p.requires_grad_(False)
-        net = Network.from_torch(nn.Sequential(*self.net64.module, nn.Flatten(), head))
+        net = self.net64.with_head(head)
         res = verify_bab(net, self.x, 0, self.box, [1], BaBOptions(time_limit=max(deadline.left(), 0.05)))
         if res.status == "certified":
             return "unsat", res.bound + self.dual_margin, None
