@@ -208,27 +208,32 @@ def test_batchnorm_without_running_stats_raises_model_mode_error():
     ("seq", "index", "kind"),
     [
         (nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), "1", "Tanh"),
-        (
-            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)),
-            "2",
-            "MaxPool2d",
-        ),
         (nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)), "1", "Sigmoid"),
         (
             nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU()), nn.Linear(4, 2)),
             "2.1",
             "LeakyReLU",
         ),
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 2)), "1", "AvgPool2d"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardtanh(), nn.Flatten(), nn.Linear(2, 2)), "1", "Hardtanh"),
         (nn.Sequential(nn.Linear(4, 2), nn.Softmax(dim=1)), "1", "Softmax"),
     ],
-    ids=["tanh", "maxpool", "sigmoid", "nested-leakyrelu", "avgpool", "softmax"],
+    ids=["tanh", "sigmoid", "nested-leakyrelu", "hardtanh", "softmax"],
 )
 def test_unsupported_layer_names_its_index_and_type(seq, index, kind):
     with pytest.raises(pt.UnsupportedLayerError) as info:
-        pt.Network.from_torch(seq)
+        pt.Network.from_torch(seq, input_shape=(1, 4, 4) if isinstance(seq[0], nn.Conv2d) else None)
     message = str(info.value)
     assert f"layer {index} " in message and kind in message
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2)], ids=["maxpool", "avgpool"])
+def test_pooling_in_a_sequential_is_a_graph_that_needs_the_input_shape(pool):
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 2)).to(DTYPE)
+    with pytest.raises(pt.ShapeMismatchError, match="input_shape"):
+        pt.Network.from_torch(seq)
+    net = pt.Network.from_torch(seq, input_shape=(1, 6, 6))
+    x = torch.randn(5, 1, 6, 6, dtype=DTYPE)
+    assert torch.allclose(net.forward(x), seq(x), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -263,9 +268,21 @@ def test_malformed_chains_raise(seq):
         pt.Network.from_torch(seq)
 
 
-def test_non_sequential_model_raises():
-    with pytest.raises(pt.UnsupportedLayerError, match="Sequential"):
-        pt.Network.from_torch(nn.Linear(3, 2))
+def test_a_single_layer_is_a_network_and_untraceable_models_are_named():
+    linear = nn.Linear(3, 2).to(DTYPE)
+    x = torch.randn(4, 3, dtype=DTYPE)
+    assert torch.equal(pt.Network.from_torch(linear).forward(x), linear(x))
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # control flow on values: fx cannot trace it
+
+    with pytest.raises(pt.UnsupportedLayerError, match=r"torch\.fx"):
+        pt.Network.from_torch(Branchy())
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
 from polytope.model.errors import ShapeMismatchError, UnsupportedLayerError
-from polytope.model.network import AffineLayer, GatherOp, Network, Op, Shape, numel
+from polytope.model.ops import AffineLayer, GatherOp, Op, Shape, numel
 
 Kind = Literal["input", "op", "sum", "cat", "relu"]
 
@@ -147,11 +146,12 @@ class Graph:
                 taps.append(self.op(x, GatherOp(index, c * h * w)))
         return taps
 
-    def compile(self, output: int, module: nn.Module) -> Network:
-        """The :class:`Network` computing node ``output``; ``module`` is the torch model it stands for."""
+    def compile(self, output: int) -> tuple[tuple[AffineLayer, ...], tuple[torch.Tensor | None, ...]]:
+        """The chain computing node ``output``: its affine layers and, per ReLU layer, the mask of its
+        linear units (empty when there are none); :meth:`Network.from_graph` wraps them."""
         if len(self.shape(output)) != 1:
             raise ShapeMismatchError(f"the network's output must be a vector, got shape {self.shape(output)}")
-        return _Compiler(self.nodes, output).network(module, self.input_shape)
+        return _Compiler(self.nodes, output).chain()
 
 
 # -- one compiled layer -------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class _Compiler:
             current = n
         return tuple(ops) if current == sources[0] else None
 
-    def network(self, module: nn.Module, input_shape: Shape) -> Network:
+    def chain(self) -> tuple[tuple[AffineLayer, ...], tuple[torch.Tensor | None, ...]]:
         layers = tuple(self.layer(j) for j in range(self.depth + 1))
         masks = []
         for j in range(1, self.depth + 1):
@@ -357,5 +357,4 @@ class _Compiler:
             sizes = [numel(self.nodes[n].shape) for n in relus + carried]
             flags = [False] * len(relus) + [True] * len(carried)
             masks.append(torch.cat([torch.full((s,), f) for s, f in zip(sizes, flags, strict=True)]))
-        linear = tuple(masks) if any(m is not None for m in masks) else ()
-        return Network(layers, module, linear, input_shape)
+        return layers, (tuple(masks) if any(m is not None for m in masks) else ())

@@ -20,15 +20,14 @@ from torch import fx, nn
 
 from polytope.model.errors import ModelModeError, ShapeMismatchError, UnsupportedLayerError
 from polytope.model.graph import Graph
-from polytope.model.network import (
+from polytope.model.ops import (
     BatchNormOp,
     Conv2dOp,
     FlattenOp,
     LinearOp,
-    Network,
     Normalize,
     NormalizeOp,
-    _check_conv,
+    check_conv,
 )
 
 _ADD = (operator.add, torch.add, operator.iadd)
@@ -52,8 +51,8 @@ class _Tracer(fx.Tracer):
         return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
 
 
-def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> Network:
-    """The :class:`Network` of ``model`` traced by ``torch.fx`` (see the module docstring)."""
+def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[Graph, int]:
+    """The ReLU graph of ``model`` traced by ``torch.fx`` and its output node (see the module docstring)."""
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds (control flow on values, unsupported Python)
@@ -78,7 +77,7 @@ def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
             builder.env[node.name] = _Ref(result) if type(result) is int else result
     if not isinstance(output, _Ref):
         raise UnsupportedLayerError("the model's output must be one tensor computed from its input")
-    return builder.graph.compile(output, model)
+    return builder.graph, output
 
 
 def _infer_input_shape(placeholder: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...]:
@@ -139,7 +138,7 @@ class _Builder:
         if isinstance(m, nn.Linear):
             return g.op(x, LinearOp(m))
         if isinstance(m, nn.Conv2d):
-            _check_conv(name, m)
+            check_conv(name, m)
             return g.op(x, Conv2dOp(m))
         if isinstance(m, nn.Flatten):
             return self._flatten(x, m.start_dim, m.end_dim, node)
