@@ -34,9 +34,23 @@ ARCH_SOURCE = textwrap.dedent("""
         return nn.Sequential(nn.Flatten(), nn.Linear(48, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
                              nn.Linear(12, 4))
 
-    def not_a_sequential():
-        return nn.Linear(2, 2)
-""")
+    def not_a_module():
+        return [nn.Linear(2, 2)]
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(12, 4)
+
+        def forward(self, x):
+            h = x + torch.relu(self.conv(x))
+            return self.fc(self.pool(torch.relu(h)).flatten(1))
+
+    def residual():
+        return Residual()
+""").replace("from torch import nn", "import torch\nfrom torch import nn")
 
 
 def _mlp() -> nn.Sequential:
@@ -105,10 +119,27 @@ def test_arch_as_module_function_and_pt_data(own, monkeypatch):
     np.testing.assert_allclose(by_module["margin_lower"], by_file["margin_lower"], rtol=TOL, atol=TOL)
 
 
+def test_a_graph_model_with_a_skip_connection_and_max_pooling(own, monkeypatch):
+    """A residual block with max pooling (a traced graph) through ``--arch``: the CSV matches the library."""
+    monkeypatch.syspath_prepend(str(own["dir"]))
+    import my_arch  # the fixture's file
+
+    torch.manual_seed(3)
+    model = my_arch.residual()
+    torch.save(model.state_dict(), own["dir"] / "residual.pt")
+    df = _certify(own["dir"], "--model", own["dir"] / "residual.pt", "--arch", "my_arch:residual", "--data",
+                  own["npz"], "--eps", "0.01")
+    x, y = _pixels()
+    net = pt.Network.from_torch(model.double().eval(), input_shape=(3, 4, 4))
+    assert net.is_graph
+    expected = pt.worst_margin(net, torch.from_numpy(x).double(), torch.from_numpy(y), pt.LinfBall(0.01))
+    np.testing.assert_allclose(df["margin_lower"], expected.detach().numpy(), rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize(("arch", "message"), [
     ("absent.py:build", "file absent.py not found"),
     ("{arch}:nothing", "has no function 'nothing'"),
-    ("{arch}:not_a_sequential", "returned a Linear, not an nn.Sequential"),
+    ("{arch}:not_a_module", "returned a list, not an nn.Module"),
     ("no_such_module_xyz:build", "cannot import module"),
     ("cnn", "unknown architecture"),
     ("har", "keys do not match the architecture"),

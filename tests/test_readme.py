@@ -84,6 +84,7 @@ def test_readme_marks_its_examples() -> None:
     kinds = [language for language, _ in marked_blocks("readme-example")]
     assert kinds == ["python", "python", "console"]
     assert [language for language, _ in marked_blocks("readme-quickstart")] == ["python"]
+    assert [language for language, _ in marked_blocks("readme-graph")] == ["python"]
     assert len(marked_blocks("readme-main-command")) == len(marked_blocks("readme-test-command")) == 1
 
 
@@ -110,6 +111,19 @@ def test_quick_start_runs_and_its_comments_hold() -> None:
     assert J[0, 2].item() <= lp.value + 1e-5 and lp.value <= milp.value + 1e-7
     assert all(param.grad is not None for param in scope["model"].parameters())
     assert bool((scope["radius"] > 0).all()) and scope["err"].item() == 0.0
+
+
+def test_graph_example_runs_and_its_comments_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    """The residual-and-pooling example: every example certified, J <= LP <= MILP as printed."""
+    ((_, code),) = marked_blocks("readme-graph")
+    scope: dict[str, object] = {"__name__": "readme_graph"}
+    exec(compile(code, "README.md (graphs)", "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "tensor([True, True, True])"
+    J, lp, milp = (scope[name] for name in ("J", "lp", "milp"))
+    assert scope["net"].is_graph and lp.status == "optimal" and milp.status == "optimal"
+    assert J.item() <= lp.value + 1e-9 <= milp.value + 2e-9  # float64 throughout
+    assert f"# {printed[1]}" in code  # the values the comment states
 
 
 @pytest.mark.slow

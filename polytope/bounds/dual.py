@@ -496,7 +496,7 @@ class DualNetwork:
         contraction order.  On the paper's MNIST model the intervals settle 90% of the dense
         layer's units, and intervals and fixed slopes 95% of the second convolution's.  Step 3
         runs on a dense layer's units that step 1 does not prove inactive (the active ones too,
-        whose pass a :class:`_SlopeTail` needs).
+        whose pass a :class:`_SlopeTail` needs); on a graph, on the unstable ReLU units only.
         """
         lower, upper = (t.flatten(1) for t in self._interval(i))
         shape = (lower.shape[0], *self.shapes[i + 1])
@@ -505,7 +505,11 @@ class DualNetwork:
             index, valid = unstable_indices((lower < 0) & (upper > 0))
             if index.shape[1]:
                 lower, upper = _tighten_at(lower, upper, index, valid, *self._fixed_unit_bounds(i, index))
-        index, valid = unstable_indices((lower < 0) & (upper > 0) if patchable else upper > 0)
+        todo = (lower < 0) & (upper > 0) if patchable or self.net.is_graph else upper > 0
+        linear = self.net.linear_mask(i)
+        if linear is not None:  # a graph's carried values: their interval bounds only feed later intervals
+            todo = todo & ~linear.to(todo.device)
+        index, valid = unstable_indices(todo)
         if index.shape[1]:
             lower, upper = _tighten_at(lower, upper, index, valid, *self._unit_bounds(i, index, valid))
         return lower.reshape(shape), upper.reshape(shape)

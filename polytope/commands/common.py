@@ -139,7 +139,7 @@ def add_device_arguments(parser: argparse.ArgumentParser, batch_size: int = 50) 
     parser.add_argument("--float64", action="store_true", help="compute in float64 (default: float32)")
 
 
-def with_normalisation(seq: nn.Sequential, mean: list[float] | None, std: list[float] | None) -> nn.Sequential:
+def with_normalisation(seq: nn.Module, mean: list[float] | None, std: list[float] | None) -> nn.Module:
     """``seq`` behind a :class:`~polytope.model.network.Normalize` layer when ``--mean``/``--std`` are given."""
     if mean is None and std is None:
         return seq
@@ -147,25 +147,21 @@ def with_normalisation(seq: nn.Sequential, mean: list[float] | None, std: list[f
         raise InvalidInputError("--mean and --std go together: give both or neither")
     if len(mean) != len(std) and 1 not in (len(mean), len(std)):
         raise InvalidInputError(f"--mean has {len(mean)} values but --std has {len(std)}")
-    return nn.Sequential(Normalize(mean, std), *seq)
+    return nn.Sequential(Normalize(mean, std), *(seq if isinstance(seq, nn.Sequential) else [seq]))
 
 
-def load_model_arg(args: argparse.Namespace) -> nn.Sequential:
-    """The model named by ``--model``/``--arch`` (behind ``--mean/--std``), in eval mode, on ``--device``."""
+def load_model_arg(args: argparse.Namespace, input_shape: tuple[int, ...]) -> nn.Module:
+    """The model named by ``--model``/``--arch`` (behind ``--mean/--std``), in eval mode, on ``--device``.
+
+    ``input_shape`` (one example's) is what a graph model is traced for."""
     if args.model.startswith("released:"):
         seq = models.load_released(args.model.split(":", 1)[1])
     else:
         seq = models.load_model(args.model, arch=args.arch, trusted=args.trust_pickle, refuse_training=not args.eval)
-    Network.from_torch(seq)  # layer errors name the user's own layer indices
+    Network.from_torch(seq, input_shape)  # layer errors name the user's own layer indices
     seq = with_normalisation(seq, args.mean, args.std)
     dtype = torch.float64 if args.float64 else torch.float32
     return seq.to(device=args.device, dtype=dtype).eval()
-
-
-def load_network_arg(args: argparse.Namespace) -> tuple[nn.Sequential, Network]:
-    """The model and its validated :class:`Network`."""
-    seq = load_model_arg(args)
-    return seq, Network.from_torch(seq)
 
 
 def load_data_arg(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +181,7 @@ def data_key(args: argparse.Namespace) -> str:
     return f"file:{hashlib.sha256(Path(args.data).read_bytes()).hexdigest()}"
 
 
-def check_fits(seq: nn.Sequential, net: Network, x: torch.Tensor, y: torch.Tensor) -> None:
+def check_fits(seq: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor) -> None:
     """Name a mismatch of model and data before any work: one example through both forward passes.
 
     :meth:`Network.check_input` checks the shapes layer by layer; the torch model's own forward
@@ -210,10 +206,11 @@ def check_fits(seq: nn.Sequential, net: Network, x: torch.Tensor, y: torch.Tenso
         raise ShapeMismatchError(f"labels go up to {int(y.max())} but the model has {n_out} outputs")
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Sequential, Network, torch.Tensor, torch.Tensor]:
+def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Network, torch.Tensor, torch.Tensor]:
     """Model, network and data of the arguments, checked against each other (:func:`check_fits`)."""
-    seq, net = load_network_arg(args)
     x, y = load_data_arg(args)
+    seq = load_model_arg(args, tuple(x.shape[1:]))
+    net = Network.from_torch(seq, tuple(x.shape[1:]))
     check_fits(seq, net, x, y)
     return seq, net, x, y
 

@@ -20,7 +20,6 @@ import torch
 
 from polytope.commands import common
 from polytope.model.errors import InvalidInputError
-from polytope.model.network import Network
 from polytope.model.sets import L1Ball, L2Ball, LinfBall
 from polytope.runs.runner import (
     RunSpec,
@@ -31,7 +30,7 @@ from polytope.runs.runner import (
     run_kwargs_from_args,
     write_csv,
 )
-from polytope.runs.tables import radius_rows
+from polytope.runs.tables import payload_network, radius_rows
 
 NORMS: dict[str, type] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
 
@@ -60,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def radius_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     """Rows of :mod:`polytope.commands.radius` for the examples ``indices``."""
     device = payload["device"]
-    net = Network.from_torch(payload["model"].to(device))
+    net = payload_network(payload, device)
     x_all, y_all = payload["x"], payload["y"]
     parts = []
     batch = payload["batch_size"]

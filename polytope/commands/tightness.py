@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 
 from polytope.commands import common
-from polytope.model.network import Network
 from polytope.runs.runner import (
     RunSpec,
     add_runner_arguments,
@@ -30,6 +29,7 @@ from polytope.runs.runner import (
     run_kwargs_from_args,
     write_csv,
 )
+from polytope.runs.tables import payload_network
 from polytope.verifiers.attacks import pgd
 from polytope.verifiers.tightness import tightness_rows
 
@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def tightness_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     """Rows of ``polytope tightness`` for the examples ``indices``."""
     seq = payload["model"]
-    net = Network.from_torch(seq)
+    net = payload_network(payload)
     rows = []
     for i in indices:
         x, y = payload["x"][i:i + 1], payload["y"][i:i + 1]

@@ -88,12 +88,12 @@ def _check_arch(name: str) -> None:
         raise ModelFileError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
 
 
-def build_arch(name: str) -> nn.Sequential:
+def build_arch(name: str) -> nn.Module:
     """A freshly initialised model of architecture ``name``.
 
     ``name`` is one of :data:`ARCHITECTURES`, or ``module:function`` / ``path/to/file.py:function``
-    naming a function of no arguments that returns the user's ``nn.Sequential`` (the file is run as
-    Python: it is the user's own code).
+    naming a function of no arguments that returns the user's model: an ``nn.Sequential`` or any
+    module ``torch.fx`` can trace into a ReLU graph (the file is run as Python: it is the user's own code).
     """
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]()
@@ -121,8 +121,8 @@ def _import_arch_module(spec: str, where: str) -> ModuleType:
     return module
 
 
-def _user_arch(spec: str) -> nn.Sequential:
-    """The ``nn.Sequential`` returned by the function that ``module:function`` or ``file.py:function`` names."""
+def _user_arch(spec: str) -> nn.Module:
+    """The model returned by the function that ``module:function`` or ``file.py:function`` names."""
     where, _, function = spec.rpartition(":")
     if not where or not function.isidentifier():
         raise ModelFileError(f"--arch {spec}: expected NAME, module:function or file.py:function")
@@ -133,8 +133,8 @@ def _user_arch(spec: str) -> nn.Sequential:
         model = builder()
     except Exception as exc:
         raise ModelFileError(f"--arch {spec}: {function}() raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Sequential):
-        raise ModelFileError(f"--arch {spec}: {function}() returned a {type(model).__name__}, not an nn.Sequential")
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"--arch {spec}: {function}() returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -302,8 +302,9 @@ def load_model(
         if state is not None:
             raise ModelFileError(f"{path}: holds a state dict; give its architecture (--arch, arch=): one of "
                                  f"{', '.join(ARCHITECTURES)}, or module:function / file.py:function building it")
-        if not isinstance(obj, nn.Sequential):
-            raise ModelFileError(f"{path}: holds a {type(obj).__name__}, expected an nn.Sequential")
+        if not isinstance(obj, nn.Sequential if not trusted else nn.Module):
+            raise ModelFileError(f"{path}: holds a {type(obj).__name__}, expected an nn.Sequential"
+                                 + ("" if trusted else " (a pickled graph model needs --trust-pickle)"))
         _reject_placeholders(path, obj)
         training = batch_norms_in_training(obj)
         if refuse_training and training:

@@ -38,10 +38,16 @@ def _save_counterexample(directory: str, verdict: Verdict) -> None:
     os.replace(tmp, path)
 
 
+def payload_network(payload: dict[str, Any], device: torch.device | str | None = None) -> Network:
+    """The :class:`Network` of a run's ``model`` (on ``device``), for its inputs' shape (a graph needs it)."""
+    model = payload["model"] if device is None else payload["model"].to(device)
+    return Network.from_torch(model, tuple(payload["x"].shape[1:]))
+
+
 def cascade_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     """Rows of ``certify --method lp|lp-all|bab|milp|cascade``: one verdict per example (with the ``bab`` rung's
     ``bab_domains``, ``bab_depth``, per-rung seconds and the deciding ``rung``)."""
-    net = Network.from_torch(payload["model"])
+    net = payload_network(payload)
     method = payload["method"]
     rungs = RUNGS if method == "cascade" else (method,)
     cascade = Cascade(net, payload["input_set"], rungs=rungs, time_limit=payload["time_limit"])
@@ -64,8 +70,7 @@ def certify_chunk(payload: dict[str, Any], indices: list[int]) -> pd.DataFrame:
     if payload["method"] in SOLVER_METHODS:
         return cascade_chunk(payload, indices)
     device = payload["device"]
-    seq = payload["model"].to(device)
-    net = Network.from_torch(seq)
+    net = payload_network(payload, device)
     x_all, y_all = payload["x"], payload["y"]
     rows = []
     batch = payload["batch_size"]
