@@ -7,21 +7,31 @@ import torch
 from strategies import DTYPE, ConvSpec, build_conv
 
 import polytope as pt
-from polytope.bounds.parallel import map_chunks
-from polytope.verifiers.robust import MARGIN_CHUNK
+from polytope.bounds import parallel
+from polytope.bounds.parallel import MIN_CHUNK, chunk_size, map_chunks
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two torch threads, and chunks of the smallest size (the test network is tiny)."""
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 0)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(n)
 
 
+def test_chunk_size_follows_the_largest_dense_block():
+    x32 = torch.zeros(1, 1, 28, 28)
+    assert chunk_size([(1, 28, 28), (16, 14, 14), (32, 7, 7), (100,), (10,)], x32) == MIN_CHUNK  # MNIST
+    assert chunk_size([(784,), (50,), (50,), (50,), (10,)], x32) == parallel.CHUNK_BYTES // (50 * 784 * 4)
+    assert chunk_size([(784,), (50,), (10,)], x32.double()) == parallel.CHUNK_BYTES // (50 * 784 * 8)
+    assert chunk_size([(2,), (4,), (3,)], x32) == parallel.MAX_CHUNK
+
+
 def _case():
     seq = build_conv((1, 8, 8), [ConvSpec(3, 3, 2, 1, True), ConvSpec(4, 3, 1, 1, True)], [10], 4, seed=3)
-    x = torch.rand(3 * MARGIN_CHUNK - 2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    x = torch.rand(3 * MIN_CHUNK - 2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     y = torch.randint(0, 4, (x.shape[0],), generator=torch.Generator().manual_seed(3))
     return seq, pt.Network.from_torch(seq), x, y
 

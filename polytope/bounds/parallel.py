@@ -1,6 +1,6 @@
 """Independent chunks of a batch on the CPU's cores.
 
-The dual network of a chunk of :data:`polytope.verifiers.robust.MARGIN_CHUNK` examples runs hundreds of
+The dual network of a chunk of examples (:func:`chunk_size`) runs hundreds of
 small tensor operations; torch's intra-op threads split each of them and wait at its end, which
 leaves cores idle between operations.  Running whole chunks side by side (torch releases the
 GIL inside its kernels) keeps every core busy: 1.2-1.3x the throughput of intra-op threads alone
@@ -17,6 +17,37 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+
+#: Bytes the largest per-chunk block of a dual pass (a layer's units times the inputs) may take.
+CHUNK_BYTES = 8 << 20
+#: The fewest and most examples per chunk on a CPU.
+MIN_CHUNK, MAX_CHUNK = 16, 256
+
+
+def chunk_size(shapes: list[tuple[int, ...]], x: torch.Tensor) -> int:
+    """Examples per chunk of a batch ``x`` for a network with layer ``shapes`` (``[in, ..., out]``).
+
+    On a CPU: as many as keep the largest dense block of the backward pass, ``units x inputs`` of one
+    layer, within :data:`CHUNK_BYTES` (cache-sized, so every intermediate is reused from the
+    allocator's free lists rather than page-faulted in), between :data:`MIN_CHUNK` and :data:`MAX_CHUNK`:
+    16 on the paper's MNIST model (1,568 x 784 entries), 53 on a 784-50-50-50-10 network, where
+    chunks of 16 ran 3.5x slower (``benchmarks/README.md``).  On other devices the whole batch.
+    """
+    if x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    n_in = 1
+    for s in shapes[0]:
+        n_in *= s
+    widest = max(_numel(s) for s in shapes[1:])
+    per_example = widest * n_in * x.element_size()
+    return max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_BYTES // max(per_example, 1)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def map_chunks(fn: Callable[[int], T], size: int, chunk: int, device: torch.device) -> list[T]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from polytope.bounds.dual import DualNetwork, Slopes
-from polytope.bounds.parallel import map_chunks
+from polytope.bounds.parallel import chunk_size, map_chunks
 from polytope.bounds.precision import settle_in_float64
 from polytope.bounds.slopes import optimize_slopes
 from polytope.model.checks import check_choice, check_labels
@@ -19,11 +19,6 @@ from polytope.model.specs import margin_objective, worst_of
 
 METHODS = ("dual", "adaptive", "optimized", "lp", "lp-all", "bab", "milp", "cascade")
 """The ``method`` choices of :func:`certify`."""
-
-MARGIN_CHUNK = 16
-"""Examples per dual network in :func:`margin_bounds`: small enough that every intermediate
-tensor is reused from the allocator's free lists instead of fresh (page-faulting) memory."""
-
 
 def _labels(net: Network, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     net.check_input(x)
@@ -51,11 +46,13 @@ def margin_bounds(
     if slopes == "optimized":
         return optimize_slopes(net, x, input_set, c)[0]
 
-    def chunk(s: int) -> torch.Tensor:
-        rows = input_set.rows(x.shape[0], s, s + MARGIN_CHUNK)
-        return DualNetwork(net, x[s:s + MARGIN_CHUNK], rows, slopes=slopes).objective(c[s:s + MARGIN_CHUNK])
+    size = chunk_size(net.check_input(x), x)
 
-    parts = map_chunks(chunk, x.shape[0], MARGIN_CHUNK, x.device)
+    def chunk(s: int) -> torch.Tensor:
+        rows = input_set.rows(x.shape[0], s, s + size)
+        return DualNetwork(net, x[s:s + size], rows, slopes=slopes).objective(c[s:s + size])
+
+    parts = map_chunks(chunk, x.shape[0], size, x.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
