@@ -287,7 +287,7 @@ def test_sub_div_normalisation_into_gemm(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("node", "inits", "op"), [
     (helper.make_node("Sigmoid", ["x"], ["y"], name="sig0"), [], "Sigmoid"),
-    (helper.make_node("MaxPool", ["x"], ["y"], name="pool0", kernel_shape=[2, 2]), [], "MaxPool"),
+    (helper.make_node("MaxPool", ["x"], ["y"], name="pool0", kernel_shape=[2, 2], dilations=[2, 2]), [], "MaxPool"),
     (helper.make_node("Conv", ["x", "K"], ["y"], name="gconv", group=2), [("K", _rand(2, 1, 3, 3))], "Conv"),
     (helper.make_node("Div", ["one", "x"], ["y"], name="recip"), [("one", np.ones(1, np.float32))], "Div"),
     (helper.make_node("Mul", ["x", "x"], ["y"], name="square"), [], "Mul"),
@@ -309,12 +309,13 @@ def test_unsupported_constant_operator_is_named(tmp_path):
         load_onnx(_save(_graph(nodes, [1, 4], None, inits), tmp_path))
 
 
-def test_residual_graph_is_not_a_chain(tmp_path):
+def test_residual_graph_imports(tmp_path):
+    """A value read twice (a skip connection) is a graph, not a chain (more in tests/test_onnx_graph.py)."""
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("Add", ["r", "h"], ["y"], name="skip_add")]
-    with pytest.raises(UnsupportedGraphError, match=r"'skip_add' \(Add\).*not a chain"):
-        load_onnx(_save(_graph(nodes, [1, 3], [1, 3], [("W", _rand(3, 3))]), tmp_path))
+    net = _check_against_ort(_save(_graph(nodes, [1, 3], [1, 3], [("W", _rand(3, 3))]), tmp_path))
+    assert net.is_graph
 
 
 def test_dynamic_shapes_are_refused(tmp_path):
@@ -388,6 +389,16 @@ def test_unbatched_input_and_output_layout_change(tmp_path):
     inits = [("W", _rand(6, 4)), ("shape", np.array([2, 2], np.int64))]
     net = _check_against_ort(_save(_graph(nodes, [6], [2, 2], inits), tmp_path))
     assert net.n_relu == 1 and isinstance(net.layers[1].ops[0], LinearOp)  # the permutation is a layer
+
+
+def test_elementwise_constant_on_a_matrix_input(tmp_path):
+    """A (1, 4, 5) input shifted elementwise before a ReLU: the shift is kept on the flattened input (it was a
+    batch norm over 4 "channels" with default weights, a wrong network)."""
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="shift"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm")]
+    model = _graph(nodes, [1, 4, 5], [1, 4, 3], [("c", _rand(4, 5)), ("W", _rand(5, 3))])
+    _check_against_ort(_save(model, tmp_path))
 
 
 def test_released_mnist_model_round_trip(tmp_path):

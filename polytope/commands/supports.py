@@ -3,7 +3,8 @@
 One query per call, answered on stdout one item per line:
 
 * ``--onnx-operators``: the ONNX operators :mod:`polytope.io.onnx_import` reads (its ``SUPPORTED_OPS``;
-  ``Shape``, ``Gather``, ``Concat``, ``Slice`` and ``Cast`` only on constants, folded at load time);
+  ``Constant`` and ``Shape`` feed constants, folded at load time; ``Cast`` of the network's value only
+  to a float type; Add, Sub, Sum and Concat of computed values or with constants, Concat not both);
 * ``--onnx-opset-versions``: the lowest and highest opset (two lines);
 * ``--vnnlib-versions``: the lowest and highest VNN-LIB version (two lines);
 * ``--serialise-assignments``: ``true`` (a ``sat`` is followed by the assignment);
