@@ -44,7 +44,7 @@ class UnsupportedOperatorError(PolytopeError, TypeError):
 
 
 class UnsupportedGraphError(PolytopeError, TypeError):
-    """An ONNX graph that is not a chain of one input to one output, or that has a dynamic shape."""
+    """An ONNX graph polytope cannot read as a ReLU graph of one input to one output (or with a dynamic shape)."""
 
 
 class PropertyFileError(PolytopeError, ValueError):
