@@ -21,12 +21,19 @@ def two_threads(monkeypatch):
     torch.set_num_threads(n)
 
 
-def test_chunk_size_follows_the_largest_dense_block():
-    x32 = torch.zeros(1, 1, 28, 28)
+def test_chunk_size_follows_the_largest_dense_block_and_the_threads():
+    x32 = torch.zeros(1, 1, 28, 28).expand(4096, 1, 28, 28)
     assert chunk_size([(1, 28, 28), (16, 14, 14), (32, 7, 7), (100,), (10,)], x32) == MIN_CHUNK  # MNIST
     assert chunk_size([(784,), (50,), (50,), (50,), (10,)], x32) == parallel.CHUNK_BYTES // (50 * 784 * 4)
     assert chunk_size([(784,), (50,), (10,)], x32.double()) == parallel.CHUNK_BYTES // (50 * 784 * 8)
     assert chunk_size([(2,), (4,), (3,)], x32) == parallel.MAX_CHUNK
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert chunk_size([(2,), (4,), (3,)], x32[:100]) == 50  # one chunk per thread
+        assert chunk_size([(2,), (4,), (3,)], x32[:20]) == MIN_CHUNK
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _case():
