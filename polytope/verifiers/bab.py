@@ -50,6 +50,8 @@ SPLITS = ("auto", "input", "relu")
 INPUT_BRANCHING = ("gradient", "widest")
 RELU_BRANCHING = ("babsr", "width")
 REDERIVE = ("reached", "all", "none")
+#: gradient steps per bound when :attr:`BaBOptions.steps` is ``None``, per split kind
+AUTO_STEPS = {"input": 5, "relu": 20}
 BOX_KINDS = ("linf", "linf-box", "box")
 
 Branching = str | Callable[..., torch.Tensor]
@@ -98,7 +100,9 @@ class BaBOptions:
     :func:`input_scores`, :func:`relu_scores` for the signature).  ``time_limit`` (seconds),
     ``max_domains`` (domains bounded) and ``memory_limit`` (bytes of queued domains) stop the search;
     ``batch_size`` domains are split per step (twice as many bounded in one call); ``steps`` gradient
-    steps per bound, ``lr`` the step size of the slopes and the split multipliers; ``root_steps`` steps of
+    steps per bound (``None``: :data:`AUTO_STEPS`, 5 for input splitting -- its domains are cheap, more
+    steps cost more than the extra domains they save -- and 20 for ReLU splitting), ``lr`` the step size of
+    the slopes and the split multipliers; ``root_steps`` steps of
     :func:`~polytope.bounds.slopes.optimize_slopes` for the root's layer bounds (ReLU splitting);
     ``attack_steps`` PGD steps at the root and in open sub-boxes (0: no PGD, candidates only).
     ``rederive`` (ReLU splitting): which layer bounds a child re-derives under its new split: ``"reached"``
@@ -113,7 +117,7 @@ class BaBOptions:
     max_domains: int = 200_000
     memory_limit: int = 2 * 2**30
     batch_size: int = 64
-    steps: int = 20
+    steps: int | None = None
     lr: float = 0.1
     max_inputs: int = 20
     root_steps: int = 10
@@ -127,7 +131,8 @@ class BaBOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if "steps" in name else 1):
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 0):
             raise InvalidInputError(f"steps must be an integer >= 0, got {self.steps!r}")
         if not (isinstance(self.time_limit, int | float) and self.time_limit > 0):
             raise InvalidInputError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
@@ -219,6 +224,7 @@ class _Search:
         self.depth = 0
         self.lowest_closed = math.inf
         self.stuck: list[float] = []  # bounds of leaves that cannot be split further
+        self.steps = AUTO_STEPS[self.split] if options.steps is None else options.steps
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> BaBResult:
@@ -354,7 +360,7 @@ class _InputSearch(_Search):
         centres = (lo_s + hi_s) / 2
         boxes = _SubBoxes(0.0, lo_s, hi_s)
         c = self._objectives(proven)
-        j, _ = optimize_slopes(self.net64, centres, boxes, c, steps=self.options.steps, lr=self.options.lr,
+        j, _ = optimize_slopes(self.net64, centres, boxes, c, steps=self.steps, lr=self.options.lr,
                                until_positive=True)
         self.explored += len(depths)
         grad_lo, grad_hi, corner = self._sensitivity(lo, hi, c, j)
@@ -546,7 +552,7 @@ class _ReluSearch(_Search):
         n_alpha = len(alpha)
         adam = _ProjectedAdam(alpha + beta, self.options.lr, upper=[1.0] * n_alpha + [math.inf] * len(beta))
         counted = c.abs().sum(2) > 0
-        for _ in range(self.options.steps):
+        for _ in range(self.steps):
             if self._elapsed() or bool(((best > 0) | ~counted).all()):
                 break
             leaves = adam.leaves()
