@@ -82,6 +82,10 @@ class SplitDual:
     input_set: InputSet
     bounds: list[tuple[torch.Tensor, torch.Tensor]]
     signs: list[torch.Tensor]
+    index: list[torch.Tensor] | None = None
+    """Optional flat unit indices ``(k_i,)`` per ReLU layer: then ``alpha`` and ``beta`` of :meth:`backward` are given
+    on those units only, ``(..., k_i)`` (branch and bound keeps them on the root's unstable units, the only ones
+    where they can matter); elsewhere ``alpha`` is ``d`` and ``beta`` is 0, which is sound for any index."""
 
     def __post_init__(self) -> None:
         self.shapes: list[Shape] = self.net.check_input(self.x)
@@ -123,27 +127,48 @@ class SplitDual:
             if i == 0:
                 break
             r = self.relax[i - 1]
-            a = r.lower_slope(r.adaptive_slope() if alpha is None else alpha[i - 1])
+            a = r.lower_slope(r.adaptive_slope() if alpha is None else self._dense_slopes(i - 1, alpha[i - 1], m))
             a = a if a.dim() == 3 else a.unsqueeze(1)
             nu = torch.where(nu_hat >= 0, r.upper_slope.unsqueeze(1), a) * nu_hat
             nus.insert(0, nu)
             relu = relu + (r.lower_unstable.unsqueeze(1) * nu.clamp_min(0)).sum(2)
             if beta is not None:
-                b = beta[i - 1] if beta[i - 1].dim() == 3 else beta[i - 1].unsqueeze(1)
-                nu = nu + self.signs[i - 1].to(nu.dtype).unsqueeze(1) * b
+                nu = self._add_split_term(i - 1, nu, beta[i - 1])
         nu_hat_1 = nu_hat.reshape(d_count, m, *self.shapes[0])
         centre, support = self.input_set.centre_and_support(self.x, nu_hat_1)
         return SplitTerms(-bias - centre - support + relu, nu_hat_1, nus)
 
-    def rederive(self, start: int) -> None:
+    def _dense_slopes(self, layer: int, alpha: torch.Tensor, m: int) -> torch.Tensor:
+        """``alpha`` on all units of ``layer``: as given without :attr:`index`, else ``d`` off the index."""
+        if self.index is None:
+            return alpha
+        alpha = alpha if alpha.dim() == 3 else alpha.unsqueeze(1).expand(-1, m, -1)
+        base = self.relax[layer].upper_slope.unsqueeze(1).expand(-1, m, -1)
+        return base.index_copy(2, self.index[layer], alpha)
+
+    def _add_split_term(self, layer: int, nu: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """``nu + s * beta`` (step 2 of the module docstring), ``beta`` dense or on :attr:`index`."""
+        b = beta if beta.dim() == 3 else beta.unsqueeze(1)
+        signs = self.signs[layer].to(nu.dtype)
+        if self.index is None:
+            return nu + signs.unsqueeze(1) * b
+        term = signs[:, self.index[layer]].unsqueeze(1) * b
+        return nu.index_add(2, self.index[layer], term.expand(-1, nu.shape[1], -1))
+
+    def rederive(self, start: int, changed: list[torch.Tensor] | None = None) -> None:
         """Re-derive the bounds of ReLU layers ``start..`` under the splits, on the units unstable there.
 
         Each layer's units ``u`` get ``J(e_u)`` and ``-J(-e_u)`` (adaptive slopes, ``beta = 0``), intersected with
         the current bounds (both sound on the domain); then that layer's splits are applied again.
+        ``changed``: per ReLU layer, ``(D, n_i)`` masks of the units whose relaxation changed since the current
+        bounds were derived (the new splits); then only the units they can reach (:meth:`reach`) are re-derived:
+        the backward pass of any other unit meets no changed relaxation.  Which units are re-derived never
+        matters for soundness (the others keep bounds valid on a larger domain), only for tightness.
         """
+        reach = self.reach(changed) if changed is not None else None
         for i in range(start, len(self.bounds)):
             lower, upper = self.bounds[i]
-            unstable = self.relax[i].sets.unstable
+            unstable = self.relax[i].sets.unstable if reach is None else self.relax[i].sets.unstable & reach[i]
             k = int(unstable.sum(1).max()) if unstable.numel() else 0
             if k == 0:
                 continue
@@ -160,6 +185,16 @@ class SplitDual:
             upper = torch.maximum(upper, lower)  # an empty domain's bounds stay ordered (it is closed anyway)
             self.bounds[i] = (lower, upper)
             self.relax[i] = Relaxation.from_bounds(lower, upper, self.linear[i])
+
+    def reach(self, changed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per ReLU layer, ``(D, n_i)``: the units whose pre-activation depends on a ``changed`` unit below
+        (``|W_i|`` applied op by op to the indicator of the changed and reached units of layer ``i - 1``: a
+        superset of the true dependence)."""
+        out = [torch.zeros_like(changed[0])]
+        for i in range(1, len(self.bounds)):
+            below = (changed[i - 1] | out[-1]).to(self.x.dtype).reshape(-1, *self.shapes[i])
+            out.append(self.net.layers[i].abs_linear(below).flatten(1) > 0)
+        return out
 
     def primal_guess(self, nu_hat_1: torch.Tensor) -> torch.Tensor:
         """The inner minimiser of eq. (6)'s input term, ``argmin_{x' in box(S)} (-nu_hat_1)^T x'``, projected on ``S``.

@@ -208,6 +208,7 @@ def pgd_in_set(
     random_start: bool = False,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PGD inside an :class:`~polytope.model.sets.InputSet`: steepest steps for its norm, then its own projection.
 
@@ -217,16 +218,20 @@ def pgd_in_set(
     domain box -- not in a bounding box.  Random starts are points of
     :meth:`~polytope.model.sets.InputSet.sample`; restarts are scored as in :func:`pgd`.  For a
     :class:`~polytope.model.sets.LinfBall` a run from ``x`` takes the same steps as :func:`pgd` (random starts
-    differ: a sample of the set instead of uniform noise).
+    differ: a sample of the set instead of uniform noise).  ``start``: the first run's starting points, shaped
+    like ``x`` (projected on the set first; default ``x``).
     """
     _check_inputs(x, y)
     _check_pgd(steps, step_size, restarts)
     input_set.validate(x)
     x = x.detach()
+    if start is not None and start.shape != x.shape:
+        raise ShapeMismatchError(f"start must have the shape of x, {tuple(x.shape)}, got {tuple(start.shape)}")
+    first = x if start is None else input_set.project(x, start.detach().to(x.dtype))
 
     def run(r: int) -> torch.Tensor:
-        start = input_set.sample(x, 1, generator)[:, 0] if (random_start or r > 0) else x
-        return _ascend(model, y, steps, step_size, start, lambda g: steepest_direction(g, input_set.p),
+        begin = input_set.sample(x, 1, generator)[:, 0] if (random_start or r > 0) else first
+        return _ascend(model, y, steps, step_size, begin, lambda g: steepest_direction(g, input_set.p),
                        lambda z: input_set.project(x, z))
 
     return _best_run(model, x, y, restarts, run)

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from polytope.bounds.dual import DualNetwork
+from polytope.bounds.dual import DualNetwork, index_sets
 from polytope.bounds.slopes import _ProjectedAdam, optimize_slopes
 from polytope.bounds.splits import SplitDual
 from polytope.model.checks import check_choice
@@ -49,6 +49,9 @@ from polytope.verifiers.points import verified_point
 SPLITS = ("auto", "input", "relu")
 INPUT_BRANCHING = ("gradient", "widest")
 RELU_BRANCHING = ("babsr", "width")
+REDERIVE = ("reached", "all", "none")
+#: gradient steps per bound when :attr:`BaBOptions.steps` is ``None``, per split kind
+AUTO_STEPS = {"input": 5, "relu": 20}
 BOX_KINDS = ("linf", "linf-box", "box")
 
 Branching = str | Callable[..., torch.Tensor]
@@ -97,9 +100,15 @@ class BaBOptions:
     :func:`input_scores`, :func:`relu_scores` for the signature).  ``time_limit`` (seconds),
     ``max_domains`` (domains bounded) and ``memory_limit`` (bytes of queued domains) stop the search;
     ``batch_size`` domains are split per step (twice as many bounded in one call); ``steps`` gradient
-    steps per bound, ``lr`` the step size of the slopes and the split multipliers; ``root_steps`` steps of
+    steps per bound (``None``: :data:`AUTO_STEPS`, 5 for input splitting -- its domains are cheap, more
+    steps cost more than the extra domains they save -- and 20 for ReLU splitting), ``lr`` the step size of
+    the slopes and the split multipliers; ``root_steps`` steps of
     :func:`~polytope.bounds.slopes.optimize_slopes` for the root's layer bounds (ReLU splitting);
     ``attack_steps`` PGD steps at the root and in open sub-boxes (0: no PGD, candidates only).
+    ``rederive`` (ReLU splitting): which layer bounds a child re-derives under its new split: ``"reached"``
+    (default: the unstable units of later layers that depend on the split unit,
+    :meth:`~polytope.bounds.splits.SplitDual.reach`), ``"all"`` (every unstable unit of later layers) or
+    ``"none"`` (the parent's bounds, the split enforced by ``beta`` alone); all three are sound.
     """
 
     split: str = "auto"
@@ -108,19 +117,22 @@ class BaBOptions:
     max_domains: int = 200_000
     memory_limit: int = 2 * 2**30
     batch_size: int = 64
-    steps: int = 20
+    steps: int | None = None
     lr: float = 0.1
     max_inputs: int = 20
     root_steps: int = 10
     attack_steps: int = 20
+    rederive: str = "reached"
 
     def __post_init__(self) -> None:
         check_choice(self.split, SPLITS, "split")
+        check_choice(self.rederive, REDERIVE, "rederive")
         for name in ("max_domains", "memory_limit", "batch_size", "max_inputs", "root_steps", "attack_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if "steps" in name else 1):
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 0):
             raise InvalidInputError(f"steps must be an integer >= 0, got {self.steps!r}")
         if not (isinstance(self.time_limit, int | float) and self.time_limit > 0):
             raise InvalidInputError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
@@ -206,12 +218,13 @@ class _Search:
         self.x = x.detach().double()
         self.label, self.input_set, self.targets, self.options, self.index = label, input_set, targets, options, index
         self.n_out = self.net64.shapes(tuple(self.x.shape[1:]))[-1][0]
-        self.c = margin_rows(label, targets, self.n_out)
+        self.c = margin_rows(label, targets, self.n_out).to(self.x.device)
         self.start = time.perf_counter()
         self.explored = 0
         self.depth = 0
         self.lowest_closed = math.inf
         self.stuck: list[float] = []  # bounds of leaves that cannot be split further
+        self.steps = AUTO_STEPS[self.split] if options.steps is None else options.steps
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> BaBResult:
@@ -347,7 +360,7 @@ class _InputSearch(_Search):
         centres = (lo_s + hi_s) / 2
         boxes = _SubBoxes(0.0, lo_s, hi_s)
         c = self._objectives(proven)
-        j, _ = optimize_slopes(self.net64, centres, boxes, c, steps=self.options.steps, lr=self.options.lr,
+        j, _ = optimize_slopes(self.net64, centres, boxes, c, steps=self.steps, lr=self.options.lr,
                                until_positive=True)
         self.explored += len(depths)
         grad_lo, grad_hi, corner = self._sensitivity(lo, hi, c, j)
@@ -428,12 +441,17 @@ class _ReluSearch(_Search):
             root = DualNetwork(self.net64, self.x, self.input_set, slopes=slopes.bounds)
         bounds = [(lo.flatten(1), up.flatten(1)) for lo, up in root.bounds]
         signs = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in bounds]
+        # alpha and beta live on the root's unstable units: a domain's bounds only tighten (they are
+        # intersected with the parent's), so its unstable and split units are among these
+        self.index = [index_sets(lo[0], up[0], self.net64.linear_mask(i)).unstable.nonzero().flatten()
+                      for i, (lo, up) in enumerate(bounds)]
         m = len(self.targets)
         # the objective's slopes start from the root's optimised ones (per objective), beta from 0
         alpha = [a.flatten(2).clone() for a in slopes.objective] if slopes.objective else \
             [a.flatten(1).unsqueeze(1).expand(-1, m, -1).clone() for a in slopes.bounds]
-        beta = [torch.zeros(1, m, lo.shape[1], dtype=torch.float64) for lo, _ in bounds]
-        proven = torch.zeros(1, m, dtype=torch.bool)
+        alpha = [a[:, :, idx] for a, idx in zip(alpha, self.index, strict=True)]
+        beta = [torch.zeros(1, m, len(idx), dtype=torch.float64, device=self.x.device) for idx in self.index]
+        proven = torch.zeros(1, m, dtype=torch.bool, device=self.x.device)
         return self._bound(bounds, signs, alpha, beta, proven, [0], start=len(bounds))
 
     def _children(self, batch: list[_Domain]) -> list[tuple[_Domain | None, np.ndarray | None]]:
@@ -446,29 +464,41 @@ class _ReluSearch(_Search):
         bounds = [(stack("lower", k), stack("upper", k)) for k in range(n_layers)]
         alpha = [stack("alpha", k) for k in range(n_layers)]
         beta = [stack("beta", k) for k in range(n_layers)]
+        changed = [torch.zeros_like(s, dtype=torch.bool) for s in signs]
         for k, d in enumerate(batch):
             layer, unit = d.choice
             signs[layer][k, unit] = 1
             signs[layer][k + len(batch), unit] = -1
+            changed[layer][[k, k + len(batch)], unit] = True
         proven = torch.stack([d.proven for d in batch]).repeat(2, 1)
         start = min(d.choice[0] for d in batch) + 1
-        return self._bound(bounds, signs, alpha, beta, proven, [d.depth + 1 for d in batch] * 2, start)
+        return self._bound(bounds, signs, alpha, beta, proven, [d.depth + 1 for d in batch] * 2, start, changed)
 
     def _bound(self, bounds: list[tuple[torch.Tensor, torch.Tensor]], signs: list[torch.Tensor],
                alpha: list[torch.Tensor], beta: list[torch.Tensor], proven: torch.Tensor, depths: list[int],
-               start: int) -> list[tuple[_Domain | None, np.ndarray | None]]:
+               start: int, changed: list[torch.Tensor] | None = None) -> list[tuple[_Domain | None, np.ndarray | None]]:
         n = len(depths)
         x = self.x.expand(n, *self.x.shape[1:])
-        dual = SplitDual(self.net64, x, self.input_set, bounds, signs)
-        dual.rederive(start)
+        dual = SplitDual(self.net64, x, self.input_set, bounds, signs, self.index)
+        if self.options.rederive != "none":
+            dual.rederive(start, changed if self.options.rederive == "reached" else None)
         c = self._objectives(proven)
-        best, alpha, beta, terms = self._optimize(dual, c, alpha, beta)
+        # only the targets open in some domain of the batch are bounded (the others' rows would be zeros)
+        cols = (~proven).any(0).nonzero().flatten()
+        best_open, alpha_open, beta_open, terms = self._optimize(dual, c[:, cols], [a[:, cols] for a in alpha],
+                                                                 [b[:, cols] for b in beta])
+        alpha = [a.index_copy(1, cols, a_open) for a, a_open in zip(alpha, alpha_open, strict=True)]
+        beta = [b.index_copy(1, cols, b_open) for b, b_open in zip(beta, beta_open, strict=True)]
+        best = torch.full_like(proven, math.inf, dtype=torch.float64).index_copy(1, cols, best_open)
         self.explored += n
-        counted = c.abs().sum(2) > 0
-        worst = torch.where(counted, best, torch.inf).argmin(1)
-        rows = torch.arange(n)
+        counted = c[:, cols].abs().sum(2) > 0
+        worst = torch.where(counted, best_open, torch.inf).argmin(1)
+        rows = torch.arange(n, device=x.device)
         guesses = dual.primal_guess(terms.nu_hat_1[rows, worst])
         point = self._check_points(guesses)
+        if point is None:
+            lowest = torch.where(counted & ~dual.empty.unsqueeze(1), best_open, torch.inf).amin(1)
+            point = self._attack_from(guesses, cols[worst], lowest)
         if point is not None:
             return [(None, point)]
         choices = self._choices(dual, [nu[rows, worst] for nu in terms.nus])
@@ -486,6 +516,31 @@ class _ReluSearch(_Search):
             out.append((self._close_or_open(j, proven[k], depths[k], state, choices[k]), None))
         return out
 
+    def _attack_from(self, starts: torch.Tensor, targets: torch.Tensor, bounds: torch.Tensor,
+                     count: int = 8) -> np.ndarray | None:
+        """Targeted PGD in the whole set from the primal guesses of the ``count`` lowest-bound open domains.
+
+        ``starts: (D, *in_shape)``, ``targets: (D,)`` (positions in :attr:`targets` of each domain's worst open
+        target), ``bounds: (D,)`` (its bound; ``inf`` for closed or empty domains).  Each run ascends
+        ``f_t - f_label`` (the pair's cross-entropy, as the cascade's targeted attack); a domain whose bound is
+        low is where the relaxation is loose or a counterexample lies, and its guess is a start near it.
+        """
+        order = torch.argsort(bounds)[:count]
+        order = order[bounds[order] <= 0]
+        eps = float(self.input_set.radius(self.x).max())
+        if len(order) == 0 or self.options.attack_steps == 0 or eps == 0:
+            return None
+        classes = torch.tensor(self.targets, device=self.x.device)[targets[order]]
+        columns = torch.stack([torch.full_like(classes, self.label), classes], 1)
+
+        def pair(z: torch.Tensor) -> torch.Tensor:
+            return torch.gather(self.net64.forward(z), 1, columns)
+
+        x = self.x.expand(len(order), *self.x.shape[1:])
+        x_adv = pgd_in_set(pair, x, torch.zeros(len(order), dtype=torch.long, device=x.device), self.input_set,
+                           steps=self.options.attack_steps, step_size=eps / 8, start=starts[order])
+        return self._check_points(x_adv)
+
     def _optimize(self, dual: SplitDual, c: torch.Tensor, alpha: list[torch.Tensor],
                   beta: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], Any]:
         """Projected Adam on ``J(c, alpha, beta)`` (``alpha in [0, 1]``, ``beta >= 0``); the best ``J`` seen per
@@ -497,7 +552,7 @@ class _ReluSearch(_Search):
         n_alpha = len(alpha)
         adam = _ProjectedAdam(alpha + beta, self.options.lr, upper=[1.0] * n_alpha + [math.inf] * len(beta))
         counted = c.abs().sum(2) > 0
-        for _ in range(self.options.steps):
+        for _ in range(self.steps):
             if self._elapsed() or bool(((best > 0) | ~counted).all()):
                 break
             leaves = adam.leaves()
