@@ -209,9 +209,9 @@ def test_batchnorm_without_running_stats_raises_model_mode_error():
     [
         (nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), "1", "Tanh"),
         (
-            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)),
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2, 2)),
             "2",
-            "MaxPool2d",
+            "AdaptiveMaxPool2d",
         ),
         (nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)), "1", "Sigmoid"),
         (
@@ -219,10 +219,10 @@ def test_batchnorm_without_running_stats_raises_model_mode_error():
             "2.1",
             "LeakyReLU",
         ),
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 2)), "1", "AvgPool2d"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.LPPool2d(2, 2), nn.Flatten(), nn.Linear(2, 2)), "1", "LPPool2d"),
         (nn.Sequential(nn.Linear(4, 2), nn.Softmax(dim=1)), "1", "Softmax"),
     ],
-    ids=["tanh", "maxpool", "sigmoid", "nested-leakyrelu", "avgpool", "softmax"],
+    ids=["tanh", "adaptive-maxpool", "sigmoid", "nested-leakyrelu", "lppool", "softmax"],
 )
 def test_unsupported_layer_names_its_index_and_type(seq, index, kind):
     with pytest.raises(pt.UnsupportedLayerError) as info:
@@ -263,9 +263,12 @@ def test_malformed_chains_raise(seq):
         pt.Network.from_torch(seq)
 
 
-def test_non_sequential_model_raises():
-    with pytest.raises(pt.UnsupportedLayerError, match="Sequential"):
-        pt.Network.from_torch(nn.Linear(3, 2))
+def test_bare_layer_is_a_one_layer_chain_or_named():
+    layer = nn.Linear(3, 2).to(DTYPE)
+    x = torch.rand(2, 3, dtype=DTYPE)
+    torch.testing.assert_close(pt.Network.from_torch(layer).forward(x), layer(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(pt.UnsupportedLayerError, match=r"layer 0 \(Tanh\)"):
+        pt.Network.from_torch(nn.Tanh())
 
 
 @pytest.mark.parametrize(

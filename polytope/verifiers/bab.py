@@ -528,6 +528,8 @@ class _ReluSearch(_Search):
             else:
                 score = relu_scores(lo, up, nu)
             scores.append(torch.where(free, score.clamp_min(0), -1.0))
+        if not scores:  # no ReLU layer: nothing to split, the domain's bound is exact
+            return [None] * dual.x.shape[0]
         flat = torch.cat(scores, 1)
         offsets = np.cumsum([0] + [s.shape[1] for s in scores])
         out: list[tuple[int, int] | None] = []
