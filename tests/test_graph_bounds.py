@@ -31,6 +31,9 @@ from polytope.verifiers.bab import BaBOptions, verify_bab
 from polytope.verifiers.cascade import Cascade
 
 SLACK = 1e-8
+#: Worst margins closer to zero than this are skipped where a verdict is compared: a tie is decided by
+#: rounding, and near one branch and bound needs thousands of domains (one such example took 5 s).
+TIE = 1e-3
 
 
 def _objectives(n_out: int, m: int, seed: int) -> torch.Tensor:
@@ -178,7 +181,7 @@ def test_bab_verdict_equals_the_milps(case, split):
     module, net, x, input_set = case
     label = int(module(x).argmax())
     margin = _milp_margin(net, x, input_set, label)
-    assume(abs(margin) > 1e-6)  # a tie at zero is decided by rounding
+    assume(abs(margin) > TIE)
     result = verify_bab(net, x[0], label, input_set, options=BaBOptions(split=split, time_limit=20))
     assert result.status == ("certified" if margin > 0 else "not_robust"), (result, margin)
     if result.status == "not_robust":
@@ -192,24 +195,26 @@ NESTED = [("dual", "optimized"), ("adaptive", "optimized"), ("dual", "lp"), ("lp
           ("milp", "bab"), ("cascade", "milp"), ("milp", "cascade")]
 
 
-@fast_no_shrink(6)
-@given(cases(tiny=True, set_kinds=("linf",), batch=3))
+@fast_no_shrink(5)
+@given(cases(tiny=True, set_kinds=("linf",), batch=2))
 def test_certify_methods_are_nested_on_graphs(case):
     module, net, x, input_set = case
     y = module(x).argmax(1)
-    methods = ("dual", "adaptive", "optimized", "lp", "bab", "milp", "cascade")
-    certified = {m: pt.certify(net, x, input_set, y, method=m) for m in methods}
     margins = [_milp_margin(net, x[i:i + 1], input_set, int(y[i])) for i in range(len(x))]
-    for verdict in Cascade(net, input_set).run(x, y, list(range(len(x)))):
+    assume(all(abs(m) > TIE for m in margins))
+    certified = {m: pt.certify(net, x, input_set, y, method=m) for m in ("dual", "adaptive", "optimized", "lp", "bab",
+                                                                        "milp")}
+    # certify(method="cascade") is this run of every rung; its verdicts also carry the counterexamples
+    verdicts = Cascade(net, input_set).run(x, y, list(range(len(x))))
+    certified["cascade"] = torch.tensor([v.verdict == "certified" for v in verdicts])
+    for i, verdict in enumerate(verdicts):
         if verdict.verdict == "not_robust":
-            i = verdict.index
             _check_counterexample(module, x[i:i + 1], input_set, int(y[i]), verdict.counterexample)
-    decided = torch.tensor([abs(m) > 1e-6 for m in margins])
     refuted = torch.tensor([m < 0 for m in margins])
-    for m in methods:
-        assert not (certified[m] & refuted).any(), m
+    for method, verdict in certified.items():
+        assert not (verdict & refuted).any(), method
     for a, b in NESTED:
-        assert not (certified[a] & ~certified[b] & decided).any(), (a, b)
+        assert not (certified[a] & ~certified[b]).any(), (a, b)
 
 
 class _Affine(nn.Module):
@@ -235,8 +240,9 @@ def test_networks_without_relu_layers_are_bounded_exactly(model):
     for eps in (0.01, 5.0):
         expected = pt.certify(net, x, pt.LinfBall(eps), y, method="milp")
         assert torch.equal(pt.certify(net, x, pt.LinfBall(eps), y, method="optimized"), expected)
-        for split in ("relu", "input"):
-            status = verify_bab(net, x[0], int(y[0]), pt.LinfBall(eps), options=BaBOptions(split=split)).status
+        for split, attack in itertools.product(("relu", "input"), (0, 20)):  # without PGD the bound decides
+            options = BaBOptions(split=split, attack_steps=attack)
+            status = verify_bab(net, x[0], int(y[0]), pt.LinfBall(eps), options=options).status
             assert status == ("certified" if expected[0] else "not_robust")
 
 

@@ -497,7 +497,7 @@ class _ReluSearch(_Search):
         n_alpha = len(alpha)
         adam = _ProjectedAdam(alpha + beta, self.options.lr, upper=[1.0] * n_alpha + [math.inf] * len(beta))
         counted = c.abs().sum(2) > 0
-        for _ in range(self.options.steps):
+        for _ in range(self.options.steps if alpha or beta else 0):  # no ReLU layer: J is exact already
             if self._elapsed() or bool(((best > 0) | ~counted).all()):
                 break
             leaves = adam.leaves()
