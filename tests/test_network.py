@@ -208,6 +208,11 @@ def test_batchnorm_without_running_stats_raises_model_mode_error():
     ("seq", "index", "kind"),
     [
         (nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), "1", "Tanh"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2, 2)),
+            "2",
+            "AdaptiveMaxPool2d",
+        ),
         (nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)), "1", "Sigmoid"),
         (
             nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU()), nn.Linear(4, 2)),
@@ -215,9 +220,10 @@ def test_batchnorm_without_running_stats_raises_model_mode_error():
             "LeakyReLU",
         ),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardtanh(), nn.Flatten(), nn.Linear(2, 2)), "1", "Hardtanh"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.LPPool2d(2, 2), nn.Flatten(), nn.Linear(2, 2)), "1", "LPPool2d"),
         (nn.Sequential(nn.Linear(4, 2), nn.Softmax(dim=1)), "1", "Softmax"),
     ],
-    ids=["tanh", "sigmoid", "nested-leakyrelu", "hardtanh", "softmax"],
+    ids=["tanh", "adaptive-maxpool", "sigmoid", "nested-leakyrelu", "hardtanh", "lppool", "softmax"],
 )
 def test_unsupported_layer_names_its_index_and_type(seq, index, kind):
     with pytest.raises(pt.UnsupportedLayerError) as info:
@@ -283,6 +289,8 @@ def test_a_single_layer_is_a_network_and_untraceable_models_are_named():
 
     with pytest.raises(pt.UnsupportedLayerError, match=r"torch\.fx"):
         pt.Network.from_torch(Branchy())
+    with pytest.raises(pt.UnsupportedLayerError, match=r"layer 0 \(Tanh\)"):
+        pt.Network.from_torch(nn.Tanh())
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def optimize_slopes(
             done |= ((best[active] > 0) | ~counted[active]).all(1) | hopeless[active]
         return done
 
-    for _ in range(steps):
+    for _ in range(steps if start else 0):  # without ReLU layers J is exact: no slopes to optimise
         remaining = adam.drop_finished(active, finished())
         if remaining is None:
             break

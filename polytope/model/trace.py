@@ -5,11 +5,18 @@ operators, in module or functional form: Linear, Conv2d, eval-mode BatchNorm, :c
 Flatten / ``flatten`` / ``view(x.size(0), -1)``, Dropout / Identity (eval), ReLU, additions and
 subtractions of branches (``x + f(x)``), multiplication or division by a number, ``torch.cat``,
 MaxPool2d, AvgPool2d and adaptive average pooling to sizes that divide the input.  Anything
-else raises :class:`UnsupportedLayerError` naming the node and its type.
+else raises :class:`UnsupportedLayerError` naming the layer (or node) and its type; an unsupported
+layer type is named before a missing ``input_shape`` is asked for.
+
+In-place operations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``relu_``, ``x += y``,
+``add_``, ...) are read as eager mode runs them: every later read of the overwritten tensor sees the
+new value (plain fx would record ``x += y`` as ``x + y`` and read the old one).  One that overwrites a
+tensor while a view of it is read later is refused.  A bare layer (``nn.Linear``) is the one-layer chain.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +43,9 @@ _MUL = (operator.mul, torch.mul, operator.imul)
 _DIV = (operator.truediv, torch.div, operator.itruediv)
 _RELU = (torch.relu, F.relu, torch.relu_)
 _FLATTEN = (torch.flatten,)
+#: The modules a traced graph may call (their options are checked when the graph is built).
+_MODULES = (nn.Linear, nn.Conv2d, nn.Flatten, nn.ReLU, nn.modules.dropout._DropoutNd, nn.Identity, nn.BatchNorm1d,
+            nn.BatchNorm2d, Normalize, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 class _Ref(int):
@@ -46,13 +56,44 @@ class _Batch:
     """The batch size (``x.size(0)``/``x.shape[0]``): only usable as a reshape's first dimension."""
 
 
+class _InplaceProxy(fx.Proxy):
+    """An fx proxy that records ``x += y`` (and ``-=``, ``*=``, ``/=``) as the in-place operator.
+
+    Plain fx records ``x += y`` as ``x + y``, losing the mutation that every other reference to
+    the tensor sees in eager mode; :func:`_mutation` needs to know it happened.
+    """
+
+    def _inplace(self, fn: Any, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other: Any) -> fx.Proxy:
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other: Any) -> fx.Proxy:
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other: Any) -> fx.Proxy:
+        return self._inplace(operator.itruediv, other)
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceProxy(node, self)
+
 
 def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[Graph, int]:
-    """The ReLU graph of ``model`` traced by ``torch.fx`` and its output node (see the module docstring)."""
+    """The ReLU graph of ``model`` traced by ``torch.fx`` and its output node (see the module docstring).
+
+    (A bare Linear or Conv2d is the one-layer chain :meth:`Network.from_torch` builds without tracing.)"""
+    if _Tracer().is_leaf_module(model, ""):  # a bare layer that is no chain on its own
+        _check_module("0", model)
+        raise UnsupportedLayerError("the network has no Linear or Conv2d layer")
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds (control flow on values, unsupported Python)
@@ -61,6 +102,10 @@ def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
             "polytope needs a model whose forward uses no data-dependent control flow"
         ) from exc
     modules = dict(model.named_modules())
+    for node in graph.nodes:  # an unsupported layer is named before a missing input shape is asked for
+        if node.op == "call_module":
+            _check_module(node.target, modules[node.target])
+            node.meta["kind"] = type(modules[node.target]).__name__
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedLayerError(
@@ -68,16 +113,87 @@ def trace_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
         )
     shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(placeholders[0], modules)
     builder = _Builder(Graph(shape), modules)
+    output = _build(graph, builder, modules)
+    if not isinstance(output, _Ref):
+        raise UnsupportedLayerError("the model's output must be one tensor computed from its input")
+    if not any(isinstance(n.op, LinearOp | Conv2dOp) for n in builder.graph.nodes):
+        raise UnsupportedLayerError("the network has no Linear or Conv2d layer")
+    return builder.graph, output
+
+
+def _build(graph: fx.Graph, builder: _Builder, modules: dict[str, nn.Module]) -> Any:
+    """Visit the fx nodes in program order; return the value of the output."""
+    order = {node: k for k, node in enumerate(graph.nodes)}
     output = None
     for node in graph.nodes:
         if node.op == "output":
             output = builder.value(node.args[0], node)
-        else:
-            result = builder.visit(node)
-            builder.env[node.name] = _Ref(result) if type(result) is int else result
-    if not isinstance(output, _Ref):
-        raise UnsupportedLayerError("the model's output must be one tensor computed from its input")
-    return builder.graph, output
+            continue
+        result = builder.visit(node)
+        builder.env[node.name] = _Ref(result) if type(result) is int else result
+        mutated = _mutation(node, modules, order)
+        if mutated is not None:  # later reads of the mutated tensor see the new value, as in eager mode
+            builder.env[mutated.name] = builder.env[node.name]
+    return output
+
+
+_INPLACE_FUNCTIONS = (torch.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+_INPLACE_METHODS = ("relu_", "add_", "sub_", "mul_", "div_")
+
+
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or (
+            node.target is F.relu and bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)))
+    if node.op == "call_method":
+        return node.target in _INPLACE_METHODS
+    return node.op == "call_module" and isinstance(modules[node.target], nn.ReLU) and modules[node.target].inplace
+
+
+def _is_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s tensor may share memory with its first argument (a view, or an identity)."""
+    if node.op == "call_method":
+        return node.target in ("view", "reshape", "flatten", "contiguous")
+    if node.op == "call_function":
+        return node.target in (torch.flatten, F.dropout)
+    return node.op == "call_module" and isinstance(
+        modules[node.target], nn.Flatten | nn.Identity | nn.modules.dropout._DropoutNd)
+
+
+def _mutation(node: fx.Node, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> fx.Node | None:
+    """The tensor an in-place ``node`` overwrites (``None`` for other nodes).
+
+    Refused when a view of that tensor (or a tensor it is a view of) is read after ``node``: such a
+    read would see the new value too, and the graph has no way to express it.
+    """
+    if not _is_inplace(node, modules) or not isinstance(node.args[0], fx.Node):
+        return None
+    target = node.args[0]
+    family, stack = {target, node}, [target]
+    while stack:  # the tensors sharing memory with target: views of it, and what it is a view of
+        n = stack.pop()
+        linked = [u for u in n.users if _is_alias(u, modules) or (_is_inplace(u, modules) and u.args[0] is n)]
+        if (_is_alias(n, modules) or _is_inplace(n, modules)) and isinstance(n.args[0], fx.Node):
+            linked.append(n.args[0])
+        for m in linked:
+            if m not in family:
+                family.add(m)
+                stack.append(m)
+    for n in family - {target, node}:
+        if any(order[u] > order[node] for u in n.users):
+            raise UnsupportedLayerError(
+                f"{_where(node)} overwrites {target.name} in place while {n.name}, which shares its memory, is read "
+                "later; use the out-of-place form"
+            )
+    return target
+
+
+def _check_module(name: str, m: nn.Module) -> None:
+    if not isinstance(m, _MODULES):
+        raise UnsupportedLayerError(
+            f"layer {name} ({type(m).__name__}) is not supported: polytope bounds ReLU graphs of Linear, Conv2d, "
+            "BatchNorm, Flatten, pooling, additions and concatenations"
+        )
 
 
 def _infer_input_shape(placeholder: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...]:
@@ -111,9 +227,7 @@ class _Builder:
     def tensor(self, arg: Any, node: fx.Node) -> int:
         v = self.value(arg, node)
         if not isinstance(v, _Ref):
-            raise UnsupportedLayerError(
-                f"node {node.name} ({_describe(node)}) needs a tensor computed from the input, got {v!r}"
-            )
+            raise UnsupportedLayerError(f"{_where(node)} needs a tensor computed from the input, got {v!r}")
         return v
 
     # -- nodes -----------------------------------------------------------------------------------
@@ -127,7 +241,7 @@ class _Builder:
         if node.op == "call_method":
             return self.method(node)
         raise UnsupportedLayerError(
-            f"node {node.name} ({_describe(node)}) is not supported: constants and parameters "
+            f"{_where(node)} is not supported: constants and parameters "
             "read in forward cannot be bounded; put them in a Linear/Conv2d/BatchNorm layer"
         )
 
@@ -163,12 +277,7 @@ class _Builder:
         if isinstance(m, nn.AvgPool2d):
             return self._avg_pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                   m.divisor_override, node)
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            return self._adaptive_avg_pool(x, m.output_size, node)
-        raise UnsupportedLayerError(
-            f"layer {name} ({kind}) is not supported: polytope bounds ReLU graphs of Linear, Conv2d, "
-            "BatchNorm, Flatten, pooling, additions and concatenations"
-        )
+        return self._adaptive_avg_pool(x, m.output_size, node)  # the last of _MODULES (checked when traced)
 
     def function(self, node: fx.Node, fn: Any) -> Any:
         g = self.graph
@@ -200,6 +309,8 @@ class _Builder:
                                   p["padding"], p["ceil_mode"], p["count_include_pad"], p["divisor_override"], node)
         if fn is F.adaptive_avg_pool2d:
             return self._adaptive_avg_pool(self.tensor(node.args[0], node), args[1], node)
+        if fn is getattr and args[1:] == ["shape"] and isinstance(args[0], _Ref):  # x.shape
+            return _Shape()
         if fn is operator.getitem and isinstance(args[0], torch.Size | _Shape):
             return _Batch() if args[1] == 0 else _unsupported(node)
         if fn is F.dropout:
@@ -249,6 +360,8 @@ class _Builder:
             a, b = b, a  # 2 * x
         if not isinstance(a, _Ref) or isinstance(b, _Ref | bool) or not isinstance(b, float | int):
             return _unsupported(node, "only multiplication or division by a number is affine")
+        if not math.isfinite(b) or (divide and b == 0):
+            return _unsupported(node, f"{'division' if divide else 'multiplication'} by {b} is not finite")
         return self.graph.sum((a,), (1.0 / b if divide else float(b),))
 
     def _cat(self, xs: list[int], dim: int, node: fx.Node) -> int:
@@ -308,11 +421,19 @@ def _bound_args(fn: Any, args: list, kwargs: dict) -> dict[str, Any]:
 
 def _describe(node: fx.Node) -> str:
     target = node.target
+    if node.op == "call_module":
+        return node.meta["kind"]
     return getattr(target, "__name__", str(target)) if node.op != "call_method" else f".{target}()"
+
+
+def _where(node: fx.Node) -> str:
+    """``layer NAME (Type)`` for a module call (as for a chain), else ``node NAME (function)``."""
+    return f"layer {node.target} ({_describe(node)})" if node.op == "call_module" else \
+        f"node {node.name} ({_describe(node)})"
 
 
 def _unsupported(node: fx.Node, why: str = "") -> Any:
     raise UnsupportedLayerError(
-        f"node {node.name} ({_describe(node)}) is not supported" + (f": {why}" if why else
+        f"{_where(node)} is not supported" + (f": {why}" if why else
         ": polytope bounds ReLU graphs of affine layers, additions, concatenations and pooling")
     )

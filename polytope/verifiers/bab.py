@@ -552,7 +552,7 @@ class _ReluSearch(_Search):
         n_alpha = len(alpha)
         adam = _ProjectedAdam(alpha + beta, self.options.lr, upper=[1.0] * n_alpha + [math.inf] * len(beta))
         counted = c.abs().sum(2) > 0
-        for _ in range(self.steps):
+        for _ in range(self.steps if alpha or beta else 0):  # no ReLU layer: J is exact already
             if self._elapsed() or bool(((best > 0) | ~counted).all()):
                 break
             leaves = adam.leaves()
@@ -583,6 +583,8 @@ class _ReluSearch(_Search):
             else:
                 score = relu_scores(lo, up, nu)
             scores.append(torch.where(free, score.clamp_min(0), -1.0))
+        if not scores:  # no ReLU layer: nothing to split, the domain's bound is exact
+            return [None] * dual.x.shape[0]
         flat = torch.cat(scores, 1)
         offsets = np.cumsum([0] + [s.shape[1] for s in scores])
         out: list[tuple[int, int] | None] = []
