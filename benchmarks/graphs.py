@@ -15,7 +15,9 @@ Writes ``benchmarks/results_graph.md`` and ``benchmarks/results_graph.csv``.
   second side); certified sets and margins are compared as there.
 
 The machine is shared: every row is measured ``--rounds`` times, R and C alternating within each
-round, and the report gives the median over rounds and their range.
+round, each round in fresh worker processes (one process keeps its own pace: the same two C workers
+gave 0.65x in one run and 1.45x in the next, at the same batch size), and the report gives the
+median over rounds and their range.
 """
 
 from __future__ import annotations
@@ -127,10 +129,12 @@ def measure(a: argparse.Namespace, tmp: Path, wanted: set[str]) -> dict[str, Ser
         suites["R"] = suite(a, tmp, "res_mnist", a.res_model, a.res_images)
     if "C" in wanted:
         suites["C"] = suite(a, tmp, "mnist", None, a.images)
-        chain_workers(suites["C"], old_tree(a.old, tmp))
+        old = old_tree(a.old, tmp)
     try:
         for k in range(a.rounds):
             for tag, s in suites.items():
+                if tag == "C":  # fresh processes every round (R rows start theirs): a process's own pace varies
+                    chain_workers(s, old)
                 for bs in a.res_batch_sizes if tag == "R" else a.batch_sizes:
                     load = s.row_load = run.loadavg()
                     start = time.perf_counter()
@@ -139,6 +143,7 @@ def measure(a: argparse.Namespace, tmp: Path, wanted: set[str]) -> dict[str, Ser
                     series[tag].add(bs, medians, rows[0].check, load)
                     run.log(f"round {k + 1} {tag} bs={bs}: {rows[0].polytope} vs {rows[0].reference} images/s, "
                             f"{rows[0].ratio}, {rows[0].check} ({time.perf_counter() - start:.0f} s, load {load})")
+                s.close()
     finally:
         for s in suites.values():
             s.close()
@@ -169,7 +174,7 @@ def report(a: argparse.Namespace, series: dict[str, Series], started: str, load_
         "R": f"R: res_mnist (`{shown(a.res_model)}`), A = polytope, B = convex_adversarial 0.4.4, both in one process "
              "(B1I layout: alternating call by call, the first side alternating too)",
         "C": f"C: the released MNIST model, A = polytope now, B = polytope at {a.old}, two worker processes "
-             "(B1 layout: requests alternating batch by batch)",
+             "(B1 layout: requests alternating batch by batch), new ones every round",
     }
     rows_csv = []
     for tag, ser in series.items():
