@@ -8,7 +8,10 @@ Imported by ``worker.py`` on both sides (the reference environment has no polyto
 * ``fc_300_200_100``: a fully connected 784-300-200-100-10 network;
 * ``fc_50x3``: a fully connected 784-50-50-50-10 network;
 * ``conv_large``: the large MNIST model of Wong et al. (2018, "Scaling provable adversarial
-  defenses"): convolutions 32 3x3 s1, 32 4x4 s2, 64 3x3 s1, 64 4x4 s2 (padding 1), then 512, 512, 10.
+  defenses"): convolutions 32 3x3 s1, 32 4x4 s2, 64 3x3 s1, 64 4x4 s2 (padding 1), then 512, 512, 10;
+* ``res_mnist``: a residual MNIST network in that paper's ``DenseSequential`` layout (the released
+  model's layers with one residual block ``z + conv(relu(conv(z)))`` after the first convolution);
+  it needs convex_adversarial importable (its ``Dense`` classes), polytope reads the layout as a graph.
 """
 
 from __future__ import annotations
@@ -61,11 +64,43 @@ def _conv_large() -> nn.Sequential:
     )
 
 
+def _res_mnist() -> nn.Sequential:
+    from convex_adversarial.utils import Dense, DenseSequential  # the reference's layout classes
+
+    return DenseSequential(
+        Dense(nn.Conv2d(1, 16, 4, stride=2, padding=1)),
+        nn.ReLU(),
+        Dense(nn.Conv2d(16, 16, 3, padding=1)),
+        nn.ReLU(),
+        Dense(nn.Sequential(), None, nn.Conv2d(16, 16, 3, padding=1)),  # the block's input plus conv(relu(conv))
+        nn.ReLU(),
+        Dense(nn.Conv2d(16, 32, 4, stride=2, padding=1)),
+        nn.ReLU(),
+        nn.Flatten(),
+        Dense(nn.Linear(1568, 100)),
+        nn.ReLU(),
+        Dense(nn.Linear(100, 10)),
+    )
+
+
+#: Per architecture, its layers that match the released MNIST model's: (own prefix, released prefix).
+#: ``train_archs.py --init-released`` starts from those weights (the residual block from scratch).
+RELEASED_LAYERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "res_mnist": (("0.Ws.0", "0"), ("6.Ws.0", "2"), ("9.Ws.0", "5"), ("11.Ws.0", "7")),
+}
+
+
+def is_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is a plain ``nn.Sequential`` (polytope needs no input shape for it)."""
+    return type(model) is nn.Sequential
+
+
 ARCHS: dict[str, Callable[[], nn.Sequential]] = {
     "mnist": _mnist,
     "fc_300_200_100": lambda: _fc(784, 300, 200, 100, 10),
     "fc_50x3": lambda: _fc(784, 50, 50, 50, 10),
     "conv_large": _conv_large,
+    "res_mnist": _res_mnist,
 }
 
 

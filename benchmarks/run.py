@@ -85,16 +85,18 @@ class Worker:
         threads: int,
         device: str = "cpu",
         malloc_tunables: bool = False,
+        root: Path = ROOT,
     ) -> None:
+        """``root``: the tree whose ``polytope`` package the polytope side imports (another commit's, say)."""
         self.side = side
         self.log_path = logdir / f"{side}-{device}-{int(time.time() * 1000)}.log"
         self._log = self.log_path.open("w")
         env = dict(os.environ)
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if side == "polytope":
-            paths.insert(0, str(ROOT))
+            paths.insert(0, str(root))
         elif side == "both":  # the project's environment plus the convex_adversarial overlay
-            paths[:0] = [str(ROOT), str(ref_env.OVERLAY)]
+            paths[:0] = [str(root), str(ref_env.OVERLAY)]
         else:  # the reference environment must not see the project
             paths = [p for p in paths if Path(p).resolve() != ROOT]
         env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -194,7 +194,9 @@ class Polytope(Side):
         import polytope as pt
 
         self.pt = pt
-        self.net = pt.Network.from_torch(self.model)
+        # a graph (res_mnist) needs its input shape; a chain is read as before (older polytope has no input_shape)
+        shape = {} if archs.is_chain(self.model) else {"input_shape": tuple(self.x.shape[1:])}
+        self.net = pt.Network.from_torch(self.model, **shape)
 
     def margins(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         return self.pt.margin_bounds(self.net, x, y, self.pt.LinfBall(eps))

@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from polytope.model.dense import dense_graph, is_dense_sequential
 from polytope.model.errors import ModelModeError, ShapeMismatchError, UnsupportedLayerError
 from polytope.model.graph import Graph
 from polytope.model.ops import (
@@ -98,11 +99,14 @@ class Network:
         Any other module (residual blocks, ``torch.cat``, pooling) is traced with ``torch.fx``
         (:func:`polytope.model.trace.trace_module`); ``input_shape`` (one example, no batch
         dimension) is then required unless the input's first consumer is an ``nn.Linear``.
+        convex_adversarial's ``DenseSequential`` of ``Dense`` skip layers is read the same way
+        (:mod:`polytope.model.dense`).
         """
         if isinstance(model, CHAIN_MODULES):  # one layer on its own
             model = nn.Sequential(model)
         if not _is_chain(model):
-            return cls.from_graph(*trace_module(model, input_shape), model)
+            traced = dense_graph(model, input_shape) if is_dense_sequential(model) else trace_module(model, input_shape)
+            return cls.from_graph(*traced, model)
         layers: list[list[Op]] = [[]]
         for index, m in _flatten_modules(model):
             kind = type(m).__name__
