@@ -264,7 +264,14 @@ def _fc_block(draw: st.DrawFn, w: _Writer, max_width: int) -> None:
         older = draw(st.sampled_from(w.recent(1)))
         m = draw(width)
         draw(_combine(w, w("linear", (src,), (m,)), w("linear", (older,), (m,))))
-    elif draw(st.booleans()):
+    else:
+        draw(_elementwise(w, src))
+
+
+@st.composite
+def _elementwise(draw: st.DrawFn, w: _Writer, src: int) -> None:
+    """An eval-mode batch norm or a scalar multiple (four spellings) of ``src``."""
+    if draw(st.booleans()):
         w("bn", (src,))
     else:
         style = draw(st.integers(0, 3))
@@ -299,11 +306,8 @@ def _conv_block(draw: st.DrawFn, w: _Writer, max_channels: int) -> None:
         w("cat", (a, b), (), draw(st.integers(0, 2)))
     elif block == "adaptive":
         w("adaptive", (src,), (), draw(st.integers(0, 1)))
-    elif draw(st.booleans()):
-        w("bn", (src,))
     else:
-        style = draw(st.integers(0, 3))
-        w("scale", (src,), (-1.0 if style == 3 else draw(st.sampled_from([0.5, -2.0, 1.5])),), style)
+        draw(_elementwise(w, src))
 
 
 @st.composite
