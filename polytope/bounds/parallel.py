@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import torch
 
+from polytope.model.ops import numel
+
 T = TypeVar("T")
 
 #: Bytes the largest per-chunk block of a dual pass (a layer's units times the inputs) may take.
@@ -37,16 +39,9 @@ def chunk_size(shapes: list[tuple[int, ...]], x: torch.Tensor) -> int:
     """
     if x.device.type != "cpu":
         return max(x.shape[0], 1)
-    per_example = max(_numel(s) for s in shapes[1:]) * _numel(shapes[0]) * x.element_size()
+    per_example = max(numel(s) for s in shapes[1:]) * numel(shapes[0]) * x.element_size()
     share = -(-x.shape[0] // max(torch.get_num_threads(), 1))
     return max(MIN_CHUNK, min(MAX_CHUNK, share, CHUNK_BYTES // max(per_example, 1)))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def map_chunks(fn: Callable[[int], T], size: int, chunk: int, device: torch.device) -> list[T]:

@@ -35,6 +35,7 @@ from polytope.model.ops import (
     Normalize,
     NormalizeOp,
     check_conv,
+    numel,
 )
 
 _ADD = (operator.add, torch.add, operator.iadd)
@@ -337,7 +338,7 @@ class _Builder:
             shape = args[1:] if len(args) > 2 or not isinstance(args[1], list | tuple) else list(args[1])
             x = self.tensor(node.args[0], node)
             batch_first = isinstance(shape[0], _Batch) or shape[0] == -1
-            if len(shape) == 2 and batch_first and shape[1] in (-1, _numel(g.shape(x))):
+            if len(shape) == 2 and batch_first and shape[1] in (-1, numel(g.shape(x))):
                 return self._flatten(x, 1, -1, node)
             return _unsupported(node, "only view/reshape to (batch, -1) is supported")
         if name == "size" and args[1:] in ([0], []):
@@ -401,12 +402,6 @@ class _Builder:
 class _Shape:
     """``x.size()`` / ``x.shape``: only indexed at 0 (the batch size)."""
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _bound_args(fn: Any, args: list, kwargs: dict) -> dict[str, Any]:
