@@ -138,11 +138,15 @@ WEAK = {"steps": 0, "root_steps": 0}
 @fast_no_shrink(20)
 @given(tiny_fc(), st.sampled_from(["input", "relu"]), st.booleans())
 def test_verdict_equals_enumeration_and_milp(case, split: str, weak: bool) -> None:
+    assert_exact_verdict(case, BaBOptions(split=split, time_limit=20, attack_steps=0, **(WEAK if weak else {})))
+
+
+def assert_exact_verdict(case, options: BaBOptions) -> None:
+    """BaB's verdict equals the enumeration's and the MILP's; a counterexample replays, a bound is sound."""
     seq, x, label, input_set = case
     exact = _enumerated_min(seq, x, label, input_set)
     assume(abs(exact) > 1e-6)  # a tie at 0 is a counterexample that no bound can see around
     net = pt.Network.from_torch(seq)
-    options = BaBOptions(split=split, time_limit=20, attack_steps=0, **(WEAK if weak else {}))
     result = verify_bab(net, x[0], label, input_set, options=options)
     milp = Cascade(net, input_set, rungs=("milp",), time_limit=20).run(x, torch.tensor([label]), [0])[0]
     expected = "certified" if exact > 0 else "not_robust"

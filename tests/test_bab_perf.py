@@ -12,15 +12,14 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import DTYPE, build_fc, conv_nets, fast, fast_no_shrink, seeds
-from test_bab import _check_counterexample, _enumerated_min, tiny_fc
+from test_bab import assert_exact_verdict, tiny_fc
 
 import polytope as pt
 from polytope.bounds.dual import DualNetwork, index_sets
 from polytope.bounds.splits import SplitDual
 from polytope.model.errors import ShapeMismatchError, UnknownOptionError
 from polytope.verifiers.attacks import pgd_in_set
-from polytope.verifiers.bab import REDERIVE, BaBOptions, margin_rows, verify_bab
-from polytope.verifiers.cascade import Cascade
+from polytope.verifiers.bab import REDERIVE, BaBOptions, margin_rows
 
 
 def _root(seq: torch.nn.Module, x: torch.Tensor, eps: float) -> tuple[pt.Network, list, pt.InputSet]:
@@ -101,19 +100,8 @@ def test_units_outside_the_reach_of_a_split_keep_their_bound(case, seed: int, ep
 @given(tiny_fc(), st.sampled_from(REDERIVE), st.booleans())
 def test_every_rederive_mode_is_exact(case, rederive: str, attack: bool) -> None:
     """ReLU splitting with each ``rederive`` mode, with and without the attacks: the enumeration's verdict."""
-    seq, x, label, input_set = case
-    exact = _enumerated_min(seq, x, label, input_set)
-    assume(abs(exact) > 1e-6)
-    net = pt.Network.from_torch(seq)
-    options = BaBOptions(split="relu", time_limit=20, rederive=rederive, attack_steps=20 if attack else 0)
-    result = verify_bab(net, x[0], label, input_set, options=options)
-    milp = Cascade(net, input_set, rungs=("milp",), time_limit=20).run(x, torch.tensor([label]), [0])[0]
-    expected = "certified" if exact > 0 else "not_robust"
-    assert result.status == expected == milp.verdict, (result, exact)
-    if result.status == "not_robust":
-        _check_counterexample(seq, x, label, input_set, result.counterexample)
-    else:
-        assert 0 < result.bound <= exact + 1e-9
+    assert_exact_verdict(case, BaBOptions(split="relu", time_limit=20, rederive=rederive,
+                                          attack_steps=20 if attack else 0))
 
 
 def test_bad_rederive_is_a_named_error() -> None:
